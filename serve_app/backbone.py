@@ -1,0 +1,116 @@
+"""The transformer that turns token ids into last hidden states.
+
+KaLM v2 is a Qwen2 decoder whose causal mask was removed for training. It is built
+here from stock ``transformers`` Qwen2 modules; the repository's own modeling code is
+never run. Stock Qwen2 silently builds a *causal* mask from a 2-D padding mask (and
+in transformers 5.x clearing ``is_causal`` on the attention modules does not change
+that mask), so :class:`BidirectionalQwen2` builds the padding-only mask itself and
+hands it to the model as the prepared per-layer-type mask mapping.
+
+Any other architecture (BERT-like sentence-transformers models) is loaded with
+``AutoModel``, which is already bidirectional.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+from torch import nn
+
+from .checkpoint import ModelFiles
+from .errors import MissingWeightsError, ModelLoadError
+
+log = logging.getLogger(__name__)
+
+
+class BidirectionalQwen2(nn.Module):
+    """Qwen2 with full (non-causal) attention over every non-padding token."""
+
+    def __init__(self, qwen2):
+        super().__init__()
+        from transformers.masking_utils import create_bidirectional_mask
+
+        if getattr(qwen2.config, "use_sliding_window", False):
+            raise ModelLoadError("sliding-window Qwen2 checkpoints are not supported")
+        self.qwen2 = qwen2
+        self._create_mask = create_bidirectional_mask
+        # SDPA and flash attention consult the module flag when no mask is passed.
+        for layer in qwen2.layers:
+            layer.self_attn.is_causal = False
+        self._layer_types = set(qwen2.config.layer_types)
+
+    @property
+    def config(self):
+        return self.qwen2.config
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        embeds = self.qwen2.embed_tokens(input_ids)
+        # None when nothing is padded: SDPA then runs its fused kernel with no mask at all.
+        mask = self._create_mask(config=self.config, inputs_embeds=embeds, attention_mask=attention_mask)
+        out = self.qwen2(
+            inputs_embeds=embeds,
+            attention_mask={layer_type: mask for layer_type in self._layer_types},
+            use_cache=False,
+        )
+        return out.last_hidden_state
+
+
+class AutoEncoderBackbone(nn.Module):
+    """Any bidirectional encoder AutoModel knows (BERT, XLM-R, ...)."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+
+    @property
+    def config(self):
+        return self.model.config
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        return self.model(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+
+
+def load_backbone(
+    files: ModelFiles,
+    device: torch.device,
+    dtype: torch.dtype,
+    trust_remote_code: bool = False,
+) -> nn.Module:
+    """Build the model for ``files`` on ``device`` in ``dtype``, in eval mode."""
+    if files.is_qwen2:
+        from transformers import Qwen2Config, Qwen2Model
+
+        cfg = {k: v for k, v in files.config.items() if k not in ("auto_map", "architectures", "model_type")}
+        config = Qwen2Config(**cfg)
+        config._attn_implementation = "sdpa"
+        try:
+            model, info = Qwen2Model.from_pretrained(
+                str(files.path),
+                config=config,
+                dtype=dtype,
+                attn_implementation="sdpa",
+                output_loading_info=True,
+            )
+        except (OSError, ValueError) as exc:
+            raise ModelLoadError(f"cannot load weights from {files.path}: {exc}") from exc
+        # Unused tensors such as lm_head are fine; a missing one would be silently random.
+        if info["missing_keys"]:
+            raise MissingWeightsError(list(info["missing_keys"]))
+        module: nn.Module = BidirectionalQwen2(model)
+    else:
+        from transformers import AutoModel
+
+        try:
+            model, info = AutoModel.from_pretrained(
+                str(files.path),
+                dtype=dtype,
+                trust_remote_code=trust_remote_code,
+                output_loading_info=True,
+            )
+        except (OSError, ValueError) as exc:
+            raise ModelLoadError(f"cannot load {files.path}: {exc}") from exc
+        if info["missing_keys"]:
+            raise MissingWeightsError(list(info["missing_keys"]))
+        module = AutoEncoderBackbone(model)
+    return module.to(device).eval()

@@ -1,0 +1,31 @@
+"""Shared fixtures: stand-in checkpoints built once per test session."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+from serve_app.standin import write_standin
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")  # tests never touch the network
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory):
+    """Tiny KaLM-shaped stand-in whose tokenizer appends <|endoftext|> (like v2.5)."""
+    return write_standin(tmp_path_factory.mktemp("tiny-eos"), size="tiny", append_eos=True, seed=1)
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir_no_eos(tmp_path_factory):
+    """Same weights, tokenizer without a post-processor token (how v2 may ship)."""
+    return write_standin(tmp_path_factory.mktemp("tiny-noeos"), size="tiny", append_eos=False, seed=1)
+
+
+@pytest.fixture(scope="session")
+def tiny_encoder(tiny_model_dir):
+    from serve_app import Encoder
+
+    return Encoder.from_pretrained(tiny_model_dir, device="cpu")
