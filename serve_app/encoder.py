@@ -28,7 +28,7 @@ from .tokenization import TextTokenizer
 log = logging.getLogger(__name__)
 
 #: Default token budget per forward pass (padded length × rows).
-DEFAULT_MAX_BATCH_TOKENS = {"cpu": 4096, "cuda": 32768}
+DEFAULT_MAX_BATCH_TOKENS = {"cpu": 512, "cuda": 16384}
 
 
 def default_device() -> torch.device:

@@ -29,3 +29,4 @@ def tiny_encoder(tiny_model_dir):
     from serve_app import Encoder
 
     return Encoder.from_pretrained(tiny_model_dir, device="cpu")
+

@@ -1,0 +1,90 @@
+"""The service's one configuration object.
+
+Every field can be set under ``applications[].args`` in the Serve YAML
+(``cluster/config.yaml``); the defaults below are what an unset field means.
+Deployment-level settings (replica counts, autoscaling, resources) live in the same
+YAML under ``deployments:``, as Ray Serve defines them.
+"""
+
+from __future__ import annotations
+
+import os
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+DEFAULT_MODEL = "HIT-TMG/KaLM-embedding-multilingual-mini-instruct-v2"
+
+
+class ServiceConfig(BaseModel):
+    """What the embeddings service serves and the limits it enforces."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    # --- which model ------------------------------------------------------------------
+    model: str = Field(
+        default_factory=lambda: os.environ.get("KALM_MODEL") or DEFAULT_MODEL,
+        description="Hub id or local directory. The KALM_MODEL environment variable overrides the default.",
+    )
+    served_model_name: str | None = Field(
+        None, description="Model id clients send and /v1/models lists; default: the hub id, or the "
+        "directory name for a local path.")
+    model_aliases: list[str] = Field(default_factory=list, description="Other ids accepted in requests.")
+    trust_remote_code: bool = Field(False, description="Run the model repository's own Python code. Off: "
+                                    "KaLM v2 is built from stock transformers modules.")
+
+    # --- where it runs ----------------------------------------------------------------
+    device: str = Field("auto", description="auto (CUDA when the replica has a GPU), cpu or cuda.")
+    dtype: str = Field("auto", description="auto (bf16 on CUDA, fp32 on CPU), float32, bfloat16 or float16.")
+    encoder_num_cpus: float | None = Field(
+        None, description="CPUs each encoder replica reserves on CPU-only clusters (torch uses that many "
+        "threads); default: all CPUs of a node, at most 8. On GPU clusters a replica takes 1 GPU and 1 CPU.")
+
+    # --- request limits (checked in the ingress, before any model work) ---------------
+    max_body_bytes: int = Field(32 * 1024 * 1024, gt=0, description="Largest request body; larger gets 413.")
+    max_inputs_per_request: int = Field(2048, gt=0, description="Most items in `input` (OpenAI's limit).")
+    max_input_tokens: int | None = Field(
+        None, gt=0, description="Most tokens per input; default and ceiling: the model's own limit "
+        "(32,768 for KaLM v2). Longer inputs fail with 400 unless the request sets truncate.")
+    max_request_tokens: int = Field(300_000, gt=0, description="Most tokens in one request, all inputs "
+                                    "together (OpenAI's limit).")
+    default_query_instruction: str | None = Field(
+        None, description="Instruction for input_type=query; default: the model's `query` prompt "
+        "(KaLM: 'Given a query, retrieve documents that answer the query').")
+    request_timeout_s: float = Field(300.0, gt=0, description="A request not answered by then fails with 504.")
+
+    # --- batching and scheduling in the encoder replicas ------------------------------
+    max_batch_tokens: int | None = Field(
+        None, gt=0, description="Token budget of one forward pass (padded length x rows); default 512 on "
+        "CPU (one batch ~2-3 s for KaLM on 2 cores), 16384 on CUDA.")
+    max_batch_wait_ms: float = Field(5.0, ge=0, description="How long a batch may wait to fill up.")
+    max_padding_fraction: float = Field(0.15, ge=0, le=1, description="A batch takes no input that would "
+                                        "make more than this share of its computed tokens padding.")
+    max_chunk_tokens: int = Field(8192, gt=0, description="Large requests are cut into chunks of about "
+                                  "this many tokens, spread over replicas.")
+    interactive_max_tokens: int = Field(
+        512, ge=0, description="Requests with at most this many tokens in total are interactive: they "
+        "overtake bulk work (a request may set priority explicitly).")
+    bulk_slack_s: float = Field(
+        5.0, ge=0, description="Ageing: bulk work waiting longer than this goes before newer interactive "
+        "work, so nothing starves.")
+    max_queued_tokens_per_replica: int = Field(
+        2_000_000, gt=0, description="Tokens a replica holds queued before it refuses more (429).")
+
+    @field_validator("device")
+    @classmethod
+    def _check_device(cls, v: str) -> str:
+        if v not in ("auto", "cpu", "cuda"):
+            raise ValueError("device must be auto, cpu or cuda")
+        return v
+
+    @property
+    def model_id(self) -> str:
+        """The id clients use for this model."""
+        if self.served_model_name:
+            return self.served_model_name
+        path = os.path.expanduser(self.model)
+        return os.path.basename(os.path.normpath(path)) if os.path.isdir(path) else self.model
+
+    @property
+    def accepted_model_ids(self) -> set[str]:
+        return {self.model_id, self.model, *self.model_aliases}

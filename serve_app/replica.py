@@ -1,0 +1,81 @@
+"""The encoder replica: a thin Ray Serve shell around Encoder + TokenBudgetBatcher.
+
+One replica = one model on one device (a GPU, or the CPUs it reserved). It receives
+token ids (tokenisation is done in the ingress) and returns native-size vectors.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+
+import torch
+from ray import serve
+
+from .config import ServiceConfig
+from .encoder import Encoder
+from .metrics import ReplicaMetrics
+from .scheduler import EmbedResult, TokenBudgetBatcher
+
+log = logging.getLogger("ray.serve")
+
+
+def reserved_cpus() -> int:
+    """CPUs Ray reserved for this actor (at least 1)."""
+    import ray
+
+    assigned = ray.get_runtime_context().get_assigned_resources().get("CPU", 0)
+    return max(1, int(assigned))
+
+
+@serve.deployment(name="KalmEncoder", max_ongoing_requests=256, health_check_period_s=10)
+class KalmEncoder:
+    def __init__(self, config: dict):
+        started = time.perf_counter()
+        self.config = cfg = ServiceConfig(**config)
+        device = "cuda" if cfg.device == "auto" and torch.cuda.is_available() else cfg.device
+        device = "cpu" if device == "auto" else device
+        if device == "cpu":
+            # Ray exports OMP_NUM_THREADS for the reservation; torch must really use that many.
+            torch.set_num_threads(reserved_cpus())
+        log.info("encoder replica starting: model=%s device=%s torch_threads=%d OMP_NUM_THREADS=%s",
+                 cfg.model, device, torch.get_num_threads(), os.environ.get("OMP_NUM_THREADS"))
+        self.encoder = Encoder.from_pretrained(
+            cfg.model, device=device, dtype=cfg.dtype, max_input_tokens=cfg.max_input_tokens,
+            max_batch_tokens=cfg.max_batch_tokens, trust_remote_code=cfg.trust_remote_code,
+        )
+        self.encoder.warm_up()
+        self.metrics = ReplicaMetrics()
+        self.batcher = TokenBudgetBatcher(
+            self.encoder.forward_batch,
+            dimensions=self.encoder.dimensions,
+            max_batch_tokens=self.encoder.max_batch_tokens,
+            max_batch_wait_s=cfg.max_batch_wait_ms / 1000,
+            max_padding_fraction=cfg.max_padding_fraction,
+            bulk_slack_s=cfg.bulk_slack_s,
+            max_queued_tokens=cfg.max_queued_tokens_per_replica,
+            on_batch=self.metrics.record_batch,
+        )
+        log.info("encoder replica ready in %.1fs", time.perf_counter() - started)
+
+    async def embed(self, token_ids: list[list[int]], priority: str = "bulk") -> EmbedResult:
+        result = await self.batcher.embed(token_ids, priority)
+        self.metrics.record_queued(self.batcher.queued_tokens)
+        return result
+
+    def health(self) -> dict:
+        return {"device": str(self.encoder.device), "dtype": str(self.encoder.dtype),
+                "max_batch_tokens": self.encoder.max_batch_tokens}
+
+    def stats(self) -> dict:
+        """Scheduler counters since start (benchmarks read these)."""
+        s = self.batcher.stats
+        return {"batches": s.batches, "rows": s.rows, "tokens": s.tokens, "padded_tokens": s.padded_tokens,
+                "busy_s": s.busy_s, "longest_queue_s": s.longest_queue_s, "queued_tokens": self.batcher.queued_tokens,
+                "torch_threads": torch.get_num_threads()}
+
+    def __del__(self):
+        batcher = getattr(self, "batcher", None)
+        if batcher is not None:
+            batcher.close()

@@ -1,0 +1,163 @@
+"""Start a real Ray cluster (one or several raylets on this machine) and the real service.
+
+The service is started exactly as a user does: ``serve run cluster/config.yaml``,
+with only the HTTP port changed so tests never clash with a server on 8000.
+Everything started here is stopped again; no process is left behind.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import secrets
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import httpx
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+CONFIG = ROOT / "cluster" / "config.yaml"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@contextlib.contextmanager
+def ray_auth_env():
+    """Token auth for the clusters tests start (Ray 2.60 turns it on for local clusters)."""
+    # Ray's own test helper: this process caches the auth mode, so refresh it on each change.
+    from ray._private.authentication_test_utils import reset_auth_token_state
+
+    saved = {k: os.environ.get(k) for k in ("RAY_AUTH_MODE", "RAY_AUTH_TOKEN", "RAY_AUTH_TOKEN_PATH")}
+    os.environ.update(RAY_AUTH_MODE="token", RAY_AUTH_TOKEN=secrets.token_hex(16))
+    os.environ.pop("RAY_AUTH_TOKEN_PATH", None)
+    reset_auth_token_state()
+    try:
+        yield
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+        reset_auth_token_state()
+
+
+@contextlib.contextmanager
+def local_cluster(head_cpus: int = 2, workers: list[dict] | None = None, head_resources: dict | None = None):
+    """A Ray cluster of a head and ``workers`` (each a dict of add_node args) on this machine."""
+    from ray.cluster_utils import Cluster
+
+    with ray_auth_env():
+        temp_dir = tempfile.mkdtemp(prefix="rt", dir="/tmp")  # short: Ray's socket paths have a length limit
+        cluster = Cluster(initialize_head=True, head_node_args={
+            "num_cpus": head_cpus, "resources": head_resources or {}, "include_dashboard": False,
+            "temp_dir": temp_dir, "metrics_export_port": free_port(),
+        })
+        try:
+            for worker in workers or []:
+                cluster.add_node(**worker)
+            cluster.wait_for_nodes()
+            yield cluster
+        finally:
+            cluster.shutdown()
+
+
+class ServeProcess:
+    """``serve run`` of a Serve config, as a user runs it.
+
+    Without ``cluster_address`` serve run starts its own single-node Ray (the laptop
+    case) and KALM_MODEL reaches the app through its environment. With an address it
+    deploys onto that cluster, whose own environment the app then sees.
+    """
+
+    def __init__(self, model_dir: Path, cluster_address: str | None = None, env: dict | None = None,
+                 config_overrides: dict | None = None, deployment_overrides: dict | None = None):
+        self.port = free_port()
+        config = yaml.safe_load(CONFIG.read_text())
+        config["http_options"]["port"] = self.port
+        app = config["applications"][0]
+        app["args"].update(config_overrides or {})
+        for dep in app["deployments"]:
+            dep.update((deployment_overrides or {}).get(dep["name"], {}))
+        self._tmp = tempfile.TemporaryDirectory(prefix="rs", dir="/tmp")
+        self.config_path = Path(self._tmp.name) / "config.yaml"
+        self.config_path.write_text(yaml.safe_dump(config))
+        self.log_path = Path(self._tmp.name) / "serve.log"
+        self.ray_tmp = Path(self._tmp.name) / "r"  # a private Ray temp dir marks every process it starts
+        self.ray_tmp.mkdir()
+        self.env = {**os.environ, "KALM_MODEL": str(model_dir), "RAY_TMPDIR": str(self.ray_tmp), **(env or {})}
+        if cluster_address:
+            self.env["RAY_ADDRESS"] = cluster_address
+        else:
+            self.env.pop("RAY_ADDRESS", None)
+            self.env.setdefault("RAY_AUTH_MODE", "token")
+            self.env.setdefault("RAY_AUTH_TOKEN", secrets.token_hex(16))
+        self.base_url = f"http://127.0.0.1:{self.port}"
+        self.proc: subprocess.Popen | None = None
+
+    def start(self, timeout_s: float = 180) -> "ServeProcess":
+        serve_bin = str(Path(sys.executable).parent / "serve")
+        self._log = open(self.log_path, "wb")
+        self.proc = subprocess.Popen([serve_bin, "run", str(self.config_path)], cwd=ROOT, env=self.env,
+                                     stdout=self._log, stderr=subprocess.STDOUT, start_new_session=True)
+        deadline = time.monotonic() + timeout_s
+        try:
+            while time.monotonic() < deadline:
+                if self.proc.poll() is not None:
+                    raise RuntimeError(f"serve run exited early:\n{self.log()[-5000:]}")
+                try:
+                    if httpx.get(self.base_url + "/health", timeout=5).status_code == 200:
+                        return self
+                except httpx.HTTPError:
+                    pass
+                time.sleep(1)
+            raise TimeoutError(f"service not healthy after {timeout_s}s:\n{self.log()[-5000:]}")
+        except BaseException:
+            self.stop()
+            raise
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGINT)  # serve run shuts the apps (and its own Ray) down on Ctrl-C
+            try:
+                self.proc.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+                self.proc.wait()
+        kill_processes_mentioning(str(self.ray_tmp))
+        if getattr(self, "_log", None):
+            self._log.close()
+        self._tmp.cleanup()
+
+    def __enter__(self) -> "ServeProcess":
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+
+def kill_processes_mentioning(marker: str, timeout_s: float = 30) -> None:
+    """Stop what is left of a Ray instance: its daemons name their temp dir on the command line."""
+    import psutil
+
+    procs = [p for p in psutil.process_iter(["cmdline"]) if marker in " ".join(p.info["cmdline"] or [])]
+    for p in procs:
+        with contextlib.suppress(psutil.Error):
+            p.terminate()
+    _, alive = psutil.wait_procs(procs, timeout=timeout_s)
+    for p in alive:
+        with contextlib.suppress(psutil.Error):
+            p.kill()
