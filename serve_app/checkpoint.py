@@ -159,3 +159,21 @@ def _pooling_mode(cfg: dict) -> str:
         if mode in ("mean", "cls", "lasttoken"):
             return mode
     raise ModelLoadError(f"unsupported pooling configuration: {cfg}")
+
+
+def main() -> None:
+    """``python -m serve_app.checkpoint [MODEL]``: check a model can be found, before starting Ray."""
+    import sys
+
+    from .config import ServiceConfig
+
+    model = sys.argv[1] if len(sys.argv) > 1 else ServiceConfig().model
+    try:
+        files = read_model_files(model)
+    except ModelLoadError as exc:
+        sys.exit(f"error: {exc}")
+    print(f"model {model!r}: {files.path}{' (stand-in, RANDOM weights)' if files.is_standin else ''}")
+
+
+if __name__ == "__main__":
+    main()
