@@ -61,6 +61,9 @@ class ServiceConfig(BaseModel):
                                         "make more than this share of its computed tokens padding.")
     max_chunk_tokens: int = Field(8192, gt=0, description="Large requests are cut into chunks of about "
                                   "this many tokens, spread over replicas.")
+    priority_scheduling: bool = Field(
+        True, description="Let interactive requests overtake bulk work (with ageing). Off: first come, "
+        "first served.")
     interactive_max_tokens: int = Field(
         512, ge=0, description="Requests with at most this many tokens in total are interactive: they "
         "overtake bulk work (a request may set priority explicitly).")

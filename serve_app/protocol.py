@@ -59,7 +59,9 @@ def validate_request(
     if req.model not in config.accepted_model_ids:
         raise ModelNotFoundError(f"The model '{req.model}' does not exist; this service serves '{config.model_id}'")
 
-    inputs = [req.input] if isinstance(req.input, str) else req.input
+    # One string or one token list is a single input.
+    single = isinstance(req.input, str) or (bool(req.input) and isinstance(req.input[0], int))
+    inputs = [req.input] if single else req.input
     if not inputs:
         raise InvalidRequestError("input must not be empty", param="input")
     if len(inputs) > config.max_inputs_per_request:
@@ -82,8 +84,7 @@ def validate_request(
     else:
         if req.instruction is not None or req.input_type == "query":
             raise InvalidRequestError("instructions apply to text inputs, not token ids", param="instruction")
-        tokens = [inputs] if isinstance(inputs[0], int) else inputs
-        tokenized = tokenizer.check_token_ids(tokens, truncate=req.truncate)
+        tokenized = tokenizer.check_token_ids(inputs, truncate=req.truncate)
 
     token_ids = [t.ids for t in tokenized]
     n_tokens = sum(len(ids) for ids in token_ids)

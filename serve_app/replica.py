@@ -53,16 +53,21 @@ class KalmEncoder:
             max_batch_tokens=self.encoder.max_batch_tokens,
             max_batch_wait_s=cfg.max_batch_wait_ms / 1000,
             max_padding_fraction=cfg.max_padding_fraction,
-            bulk_slack_s=cfg.bulk_slack_s,
+            # Off: every input is bulk with no slack, i.e. served in arrival order.
+            bulk_slack_s=cfg.bulk_slack_s if cfg.priority_scheduling else 0.0,
             max_queued_tokens=cfg.max_queued_tokens_per_replica,
-            on_batch=self.metrics.record_batch,
+            on_batch=self._on_batch,
         )
         log.info("encoder replica ready in %.1fs", time.perf_counter() - started)
 
     async def embed(self, token_ids: list[list[int]], priority: str = "bulk") -> EmbedResult:
-        result = await self.batcher.embed(token_ids, priority)
+        if not self.config.priority_scheduling:
+            priority = "bulk"
+        return await self.batcher.embed(token_ids, priority)
+
+    def _on_batch(self, stats) -> None:
+        self.metrics.record_batch(stats)
         self.metrics.record_queued(self.batcher.queued_tokens)
-        return result
 
     def health(self) -> dict:
         return {"device": str(self.encoder.device), "dtype": str(self.encoder.dtype),
