@@ -56,7 +56,8 @@ class ServiceConfig(BaseModel):
     max_batch_tokens: int | None = Field(
         None, gt=0, description="Token budget of one forward pass (padded length x rows); default 512 on "
         "CPU (one batch ~2-3 s for KaLM on 2 cores), 16384 on CUDA.")
-    max_batch_wait_ms: float = Field(5.0, ge=0, description="How long a batch may wait to fill up.")
+    max_batch_wait_ms: float = Field(2.0, ge=0, description="How long a batch below its budget may wait "
+                                     "for more work (from its oldest input's arrival).")
     max_padding_fraction: float = Field(0.15, ge=0, le=1, description="A batch takes no input that would "
                                         "make more than this share of its computed tokens padding.")
     max_chunk_tokens: int = Field(8192, gt=0, description="Large requests are cut into chunks of about "
@@ -65,7 +66,7 @@ class ServiceConfig(BaseModel):
         True, description="Let interactive requests overtake bulk work (with ageing). Off: first come, "
         "first served.")
     interactive_max_tokens: int = Field(
-        512, ge=0, description="Requests with at most this many tokens in total are interactive: they "
+        128, ge=0, description="Requests with at most this many tokens in total are interactive: they "
         "overtake bulk work (a request may set priority explicitly).")
     bulk_slack_s: float = Field(
         5.0, ge=0, description="Ageing: bulk work waiting longer than this goes before newer interactive "

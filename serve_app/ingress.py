@@ -28,13 +28,13 @@ from .config import ServiceConfig
 from .errors import (AuthenticationError, InvalidRequestError, OverloadedError, PayloadTooLargeError,
                      RequestTimeoutError)
 from .http_errors import error_response, status_of
+from .logs import route_core_logs_to_serve
 from .metrics import IngressMetrics
 from .pooling import truncate_dimensions
 from .protocol import EmbeddingRequest, PreparedRequest, render_embeddings, render_models, validate_request
 from .tokenization import TextTokenizer
 
 log = logging.getLogger("ray.serve")
-access_log = logging.getLogger("kalm.access")
 
 app = FastAPI(title="KaLM embeddings", docs_url=None, redoc_url=None)
 
@@ -59,6 +59,7 @@ def _round_ms(seconds: float | None) -> float | None:
 @serve.ingress(app)
 class EmbeddingsIngress:
     def __init__(self, encoder: DeploymentHandle, config: dict):
+        route_core_logs_to_serve()
         self.config = cfg = ServiceConfig(**config)
         files = read_model_files(cfg.model)
         self.tokenizer = TextTokenizer(files, cfg.max_input_tokens)
@@ -117,7 +118,8 @@ class EmbeddingsIngress:
                 "x-compute-tokens": str(timings["tokens"]),
             })
         self.metrics.record(route, response.status_code, total_s)
-        access_log.info(orjson.dumps({
+        # One structured line per request; never the texts.
+        log.info("request " + orjson.dumps({
             "request_id": request_id, "route": route, "status": response.status_code,
             "inputs": timings.get("inputs"), "tokens": timings.get("tokens"), "total_ms": round(total_s * 1e3, 2),
             "tokenization_ms": _round_ms(timings.get("tokenization_s")), "queue_ms": _round_ms(timings.get("queue_s")),

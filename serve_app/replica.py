@@ -15,6 +15,7 @@ from ray import serve
 
 from .config import ServiceConfig
 from .encoder import Encoder
+from .logs import route_core_logs_to_serve
 from .metrics import ReplicaMetrics
 from .scheduler import EmbedResult, TokenBudgetBatcher
 
@@ -33,6 +34,7 @@ def reserved_cpus() -> int:
 class KalmEncoder:
     def __init__(self, config: dict):
         started = time.perf_counter()
+        route_core_logs_to_serve()
         self.config = cfg = ServiceConfig(**config)
         device = "cuda" if cfg.device == "auto" and torch.cuda.is_available() else cfg.device
         device = "cpu" if device == "auto" else device
@@ -58,12 +60,19 @@ class KalmEncoder:
             max_queued_tokens=cfg.max_queued_tokens_per_replica,
             on_batch=self._on_batch,
         )
+        self.calls = 0  # embed calls received (one per chunk of a request)
+        self.in_flight = 0  # embed calls inside this replica now (what Serve counts as its ongoing requests)
         log.info("encoder replica ready in %.1fs", time.perf_counter() - started)
 
     async def embed(self, token_ids: list[list[int]], priority: str = "bulk") -> EmbedResult:
         if not self.config.priority_scheduling:
             priority = "bulk"
-        return await self.batcher.embed(token_ids, priority)
+        self.calls += 1
+        self.in_flight += 1
+        try:
+            return await self.batcher.embed(token_ids, priority)
+        finally:
+            self.in_flight -= 1
 
     def _on_batch(self, stats) -> None:
         self.metrics.record_batch(stats)
@@ -74,11 +83,15 @@ class KalmEncoder:
                 "max_batch_tokens": self.encoder.max_batch_tokens}
 
     def stats(self) -> dict:
-        """Scheduler counters since start (benchmarks read these)."""
+        """Scheduler counters since start (benchmarks read these), and which replica answered."""
+        import ray
+
         s = self.batcher.stats
         return {"batches": s.batches, "rows": s.rows, "tokens": s.tokens, "padded_tokens": s.padded_tokens,
                 "busy_s": s.busy_s, "longest_queue_s": s.longest_queue_s, "queued_tokens": self.batcher.queued_tokens,
-                "torch_threads": torch.get_num_threads()}
+                "torch_threads": torch.get_num_threads(), "calls": self.calls, "in_flight": self.in_flight,
+                "replica": serve.get_replica_context().replica_id.unique_id,
+                "node_id": ray.get_runtime_context().get_node_id(), "pid": os.getpid()}
 
     def __del__(self):
         batcher = getattr(self, "batcher", None)

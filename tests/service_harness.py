@@ -126,6 +126,13 @@ class ServeProcess:
             self.stop()
             raise
 
+    def metrics_urls(self) -> list[str]:
+        """Prometheus endpoints of the Ray nodes, from the file service discovery Ray writes."""
+        import json
+
+        sd = json.loads(next(self.ray_tmp.glob("ray/session_latest/prom_metrics_service_discovery.json")).read_text())
+        return [f"http://{target}/metrics" for group in sd for target in group["targets"]]
+
     def log(self) -> str:
         return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
 

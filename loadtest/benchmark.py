@@ -1,0 +1,428 @@
+"""Throughput and latency benchmark: the encoder core in-process, and any OpenAI-style URL.
+
+    python loadtest/benchmark.py --model /tmp/kalm-full [--url http://127.0.0.1:8000] \\
+        [--concurrency 1,4,16] [--scale 1.0] [--json results.json] [--scenario throughput|priority|all]
+
+One deterministic, seeded workload (short multilingual queries with an instruction,
+passages of 100-400 tokens, a few documents of 2-4k tokens) runs
+
+* in-process: concurrent callers → the same ``TokenBudgetBatcher`` + ``Encoder`` the
+  replicas use (tokenisation included), and
+* served: the same requests over HTTP at each concurrency (when ``--url`` is given).
+
+It prints, and writes as JSON: tokens/s, requests/s, p50/p95/p99 latency, mean batch
+rows and tokens and padding fraction (served: from the encoder replica's counters when
+``--ray-address`` reaches the service's cluster), achieved GFLOP/s as a fraction of an fp32 matmul measured
+in the same run, a lone short query's latency both ways, and — scenario ``priority`` —
+query and passage latencies under saturating bulk load with priority scheduling on and
+off. Numbers, not pass/fail: targets are judged by the reader.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import random
+import statistics
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from serve_app.checkpoint import KALM_QUERY_INSTRUCTION  # noqa: E402
+
+WORDS = {
+    "en": "the model serves embeddings for search and retrieval across many languages with low latency "
+          "while batching requests from thousands of users on shared accelerators".split(),
+    "de": "das Modell liefert Vektoren für die Suche in vielen Sprachen und verarbeitet Anfragen schnell".split(),
+    "es": "el modelo genera vectores para la búsqueda de documentos en muchos idiomas con baja latencia".split(),
+    "ru": "модель создаёт векторы для поиска документов на многих языках с низкой задержкой".split(),
+    "zh": list("模型为多种语言的搜索和检索生成向量并以低延迟处理来自成千上万用户的请求"),
+    "ja": list("このモデルは多言語の検索のためにベクトルを生成し低遅延で要求を処理します"),
+    "ar": "النموذج ينتج متجهات للبحث عن المستندات بلغات كثيرة وبسرعة عالية".split(),
+}
+
+
+@dataclass(frozen=True)
+class Request:
+    kind: str  # query | passages | long
+    texts: tuple[str, ...]
+    instruction: str | None = None
+
+
+def make_text(rng: random.Random, tokenizer, lo: int, hi: int) -> str:
+    """A text of lo..hi tokens in one random language."""
+    lang = rng.choice(sorted(WORDS))
+    target = rng.randint(lo, hi)
+    sep = "" if lang in ("zh", "ja") else " "
+    words: list[str] = []
+    while True:
+        words.extend(rng.choice(WORDS[lang]) for _ in range(max(1, (target - len(words)) // 2)))
+        text = sep.join(words)
+        n = len(tokenizer.encode_texts([text], truncate=True)[0].ids)
+        if n >= lo:
+            break
+    while n > hi:
+        words = words[: max(1, int(len(words) * hi / n) - 1)]
+        text = sep.join(words)
+        n = len(tokenizer.encode_texts([text], truncate=True)[0].ids)
+    return text
+
+
+def make_workload(tokenizer, n_requests: int, seed: int = 0) -> list[Request]:
+    """55% single queries (with instruction), 40% 1-4 passages of 100-400 tokens, 5% (at least one) a
+    2-4k-token document; in a seeded random order."""
+    rng = random.Random(seed)
+    n_long = max(1, round(0.05 * n_requests))
+    n_passages = round(0.40 * n_requests)
+    kinds = ["long"] * n_long + ["passages"] * n_passages + ["query"] * (n_requests - n_long - n_passages)
+    rng.shuffle(kinds)
+    out = []
+    for kind in kinds:
+        if kind == "query":
+            out.append(Request("query", (make_text(rng, tokenizer, 5, 30),), KALM_QUERY_INSTRUCTION))
+        elif kind == "passages":
+            out.append(Request("passages", tuple(make_text(rng, tokenizer, 100, 400) for _ in range(rng.randint(1, 4)))))
+        else:
+            out.append(Request("long", (make_text(rng, tokenizer, 2000, 4000),)))
+    return out
+
+
+# --- measurement ------------------------------------------------------------------------
+
+
+@dataclass
+class RunResult:
+    name: str
+    concurrency: int
+    requests: int
+    tokens: int
+    wall_s: float
+    latencies_s: dict = field(default_factory=dict)  # kind -> list of seconds
+    batches: dict | None = None
+
+    def summary(self) -> dict:
+        every = [x for xs in self.latencies_s.values() for x in xs]
+        out = {"name": self.name, "concurrency": self.concurrency, "requests": self.requests, "tokens": self.tokens,
+               "wall_s": round(self.wall_s, 2), "tokens_per_s": round(self.tokens / self.wall_s, 1),
+               "requests_per_s": round(self.requests / self.wall_s, 2), **percentiles(every)}
+        for kind, xs in sorted(self.latencies_s.items()):
+            out[kind] = percentiles(xs)
+        if self.batches:
+            out["batches"] = self.batches
+        return out
+
+
+def percentiles(xs: list[float]) -> dict:
+    if not xs:
+        return {}
+    a = np.array(xs) * 1e3
+    return {"p50_ms": round(float(np.percentile(a, 50)), 1), "p95_ms": round(float(np.percentile(a, 95)), 1),
+            "p99_ms": round(float(np.percentile(a, 99)), 1), "max_ms": round(float(a.max()), 1), "n": len(xs)}
+
+
+async def drive(workload: list[Request], concurrency: int, call) -> tuple[dict, int, float]:
+    """Run ``workload`` with ``concurrency`` closed-loop clients; ``call(req) -> tokens``."""
+    queue = list(reversed(workload))
+    latencies: dict[str, list[float]] = {}
+    tokens = 0
+
+    async def client():
+        nonlocal tokens
+        while queue:
+            req = queue.pop()
+            started = time.perf_counter()
+            n = await call(req)  # not `tokens += await ...`: that reads tokens before awaiting
+            tokens += n
+            latencies.setdefault(req.kind, []).append(time.perf_counter() - started)
+
+    started = time.perf_counter()
+    await asyncio.gather(*(client() for _ in range(concurrency)))
+    return latencies, tokens, time.perf_counter() - started
+
+
+class InProcess:
+    """The replica's path without Ray or HTTP: tokenise, TokenBudgetBatcher, Encoder."""
+
+    def __init__(self, encoder, max_batch_wait_s: float, bulk_slack_s: float = 5.0):
+        from serve_app.config import ServiceConfig
+        from serve_app.scheduler import TokenBudgetBatcher
+
+        self.encoder = encoder
+        self.interactive_max_tokens = ServiceConfig().interactive_max_tokens  # the service's default
+        self.batcher = TokenBudgetBatcher(encoder.forward_batch, encoder.dimensions, encoder.max_batch_tokens,
+                                          max_batch_wait_s=max_batch_wait_s, bulk_slack_s=bulk_slack_s)
+
+    async def call(self, req: Request, priority: str | None = None) -> int:
+        tok = self.encoder.tokenizer
+        ids = [t.ids for t in await asyncio.to_thread(
+            tok.encode_texts, list(req.texts), tok.prompt_for(req.instruction), True)]
+        n = sum(map(len, ids))
+        await self.batcher.embed(ids, priority or ("interactive" if n <= self.interactive_max_tokens else "bulk"))
+        return n
+
+    def batch_stats_since(self, before: dict) -> dict:
+        s = self.batcher.stats
+        batches, rows = s.batches - before["batches"], s.rows - before["rows"]
+        tokens, padded = s.tokens - before["tokens"], s.padded_tokens - before["padded_tokens"]
+        return batch_summary(batches, rows, tokens, padded)
+
+    def snapshot(self) -> dict:
+        s = self.batcher.stats
+        return {"batches": s.batches, "rows": s.rows, "tokens": s.tokens, "padded_tokens": s.padded_tokens}
+
+
+def batch_summary(batches: float, rows: float, tokens: float, padded: float) -> dict:
+    if not batches:
+        return {}
+    return {"batches": int(batches), "mean_rows": round(rows / batches, 2), "mean_tokens": round(padded / batches, 1),
+            "padding_fraction": round(1 - tokens / padded, 4) if padded else 0.0}
+
+
+class Served:
+    """Any OpenAI-compatible /v1/embeddings endpoint."""
+
+    def __init__(self, url: str, model: str | None, api_key: str | None, ray_address: str | None):
+        import httpx
+
+        self.url = url.rstrip("/")
+        headers = {"authorization": f"Bearer {api_key}"} if api_key else {}
+        self.client = httpx.AsyncClient(timeout=600, headers=headers,
+                                        limits=httpx.Limits(max_connections=256, max_keepalive_connections=256))
+        self.model = model
+        self.ray_address = ray_address
+
+    async def resolve_model(self) -> str:
+        if not self.model:
+            resp = await self.client.get(self.url + "/v1/models")
+            self.model = resp.json()["data"][0]["id"]
+        return self.model
+
+    async def call(self, req: Request, priority: str | None = None) -> int:
+        body = {"model": self.model, "input": list(req.texts), "encoding_format": "base64"}
+        if req.instruction:
+            body["instruction"] = req.instruction
+        if priority:
+            body["priority"] = priority
+        resp = await self.client.post(self.url + "/v1/embeddings", json=body)
+        if resp.status_code != 200:
+            raise RuntimeError(f"{resp.status_code}: {resp.text[:300]}")
+        return resp.json()["usage"]["total_tokens"]
+
+    async def batch_counters(self) -> dict | None:
+        """Scheduler counters of the (first) encoder replica, when this process can reach the Ray cluster."""
+        if not self.ray_address:
+            return None
+        import ray
+        from ray import serve
+
+        if not ray.is_initialized():
+            ray.init(address=self.ray_address, namespace="serve", log_to_driver=False)
+        return await serve.get_deployment_handle("KalmEncoder", app_name="kalm").stats.remote()
+
+    @staticmethod
+    def batch_stats_between(before: dict | None, after: dict | None) -> dict | None:
+        if before is None or after is None:
+            return None
+        return batch_summary(*(after[k] - before[k] for k in ("batches", "rows", "tokens", "padded_tokens")))
+
+
+# --- the pieces of a run -----------------------------------------------------------------
+
+
+def flops_per_token(config: dict, seq_len: float) -> float:
+    """Forward FLOPs per token: 2 x matmul weights + attention scores and mixing (4 x layers x seq x width)."""
+    h, inter, layers = config["hidden_size"], config["intermediate_size"], config["num_hidden_layers"]
+    heads, kv = config["num_attention_heads"], config.get("num_key_value_heads", config["num_attention_heads"])
+    head_dim = h // heads
+    per_layer = h * h + 2 * h * kv * head_dim + h * h + 3 * h * inter
+    return 2 * layers * per_layer + 4 * layers * seq_len * h
+
+
+def matmul_gflops(n: int = 2048, repeats: int = 5) -> float:
+    import torch
+
+    a, b = torch.randn(n, n), torch.randn(n, n)
+    a @ b
+    times = []
+    for _ in range(repeats):
+        started = time.perf_counter()
+        a @ b
+        times.append(time.perf_counter() - started)
+    return 2 * n**3 / statistics.median(times) / 1e9
+
+
+def core_efficiency(encoder, passages: list[str], matmul: float) -> dict:
+    """Passages of 100-400 tokens straight through Encoder.embed_token_ids: achieved vs matmul GFLOP/s."""
+    ids = [t.ids for t in encoder.tokenizer.encode_texts(passages, truncate=True)]
+    encoder.embed_token_ids(ids[:4])
+    started = time.perf_counter()
+    encoder.embed_token_ids(ids)
+    seconds = time.perf_counter() - started
+    lengths = [len(x) for x in ids]
+    # Attention cost grows with each text's own length: average it over tokens.
+    mean_len_per_token = sum(n * n for n in lengths) / sum(lengths)
+    flops = sum(lengths) * flops_per_token(encoder.files.config, mean_len_per_token)
+    achieved = flops / seconds / 1e9
+    return {"texts": len(ids), "tokens": sum(lengths), "seconds": round(seconds, 2),
+            "tokens_per_s": round(sum(lengths) / seconds, 1), "gflops": round(achieved, 1),
+            "matmul_gflops": round(matmul, 1), "fraction_of_matmul": round(achieved / matmul, 3),
+            "matmul_implied_tokens_per_s": round(matmul * 1e9 / flops_per_token(encoder.files.config,
+                                                                              mean_len_per_token), 1)}
+
+
+async def lone_query(call, req: Request, repeats: int) -> dict:
+    await call(req)
+    times = []
+    for _ in range(repeats):
+        started = time.perf_counter()
+        await call(req)
+        times.append(time.perf_counter() - started)
+    return percentiles(times)
+
+
+async def priority_scenario(call, workload: list[Request], bulk_clients: int, query_interval_s: float,
+                            duration_s: float, prioritise: bool) -> dict:
+    """Saturating bulk passages plus a steady trickle of single queries, for ``duration_s``."""
+    queries = [r for r in workload if r.kind == "query"]
+    bulk = [r for r in workload if r.kind == "passages"]
+    stop = time.perf_counter() + duration_s
+    lat: dict[str, list[float]] = {"query": [], "passages": []}
+    tokens = 0
+
+    async def one(req, kind, priority):
+        nonlocal tokens
+        started = time.perf_counter()
+        n = await call(req, priority)
+        tokens += n
+        lat[kind].append(time.perf_counter() - started)
+
+    async def bulk_client(k):
+        i = k
+        while time.perf_counter() < stop:
+            await one(bulk[i % len(bulk)], "passages", None if prioritise else "bulk")
+            i += bulk_clients
+
+    async def query_trickle():
+        tasks, i = [], 0
+        while time.perf_counter() < stop:
+            tasks.append(asyncio.create_task(one(queries[i % len(queries)], "query",
+                                                 None if prioritise else "bulk")))
+            i += 1
+            await asyncio.sleep(query_interval_s)
+        await asyncio.gather(*tasks)
+
+    started = time.perf_counter()
+    await asyncio.gather(query_trickle(), *(bulk_client(k) for k in range(bulk_clients)))
+    wall = time.perf_counter() - started
+    return {"scheduling": "on" if prioritise else "off", "tokens_per_s": round(tokens / wall, 1),
+            "wall_s": round(wall, 1), "query": percentiles(lat["query"]), "passages": percentiles(lat["passages"])}
+
+
+# --- main --------------------------------------------------------------------------------
+
+
+async def main(args) -> dict:
+    import torch
+
+    from serve_app import Encoder
+
+    torch.set_num_threads(args.threads or torch.get_num_threads())
+    encoder = Encoder.from_pretrained(args.model, device=args.device, max_batch_tokens=args.max_batch_tokens)
+    n_requests = max(8, int(40 * args.scale))
+    workload = make_workload(encoder.tokenizer, n_requests, seed=args.seed)
+    total_tokens = sum(len(t.ids) for r in workload for t in encoder.tokenizer.encode_texts(
+        list(r.texts), encoder.tokenizer.prompt_for(r.instruction), truncate=True))
+    report: dict = {"model": str(encoder.files.path), "standin": encoder.files.is_standin,
+                    "device": str(encoder.device), "dtype": str(encoder.dtype), "torch_threads": torch.get_num_threads(),
+                    "max_batch_tokens": encoder.max_batch_tokens, "workload": {
+                        "requests": len(workload), "tokens": total_tokens,
+                        "kinds": {k: sum(r.kind == k for r in workload) for k in ("query", "passages", "long")}}}
+    print(json.dumps(report, indent=1), flush=True)
+    in_process = InProcess(encoder, args.max_batch_wait_ms / 1000)
+    served = Served(args.url, args.served_model, args.api_key, args.ray_address) if args.url else None
+    if served:
+        await served.resolve_model()
+    concurrencies = [int(c) for c in args.concurrency.split(",")]
+
+    if args.scenario in ("throughput", "all"):
+        report["matmul_gflops"] = round(matmul_gflops(), 1)
+        rng = random.Random(args.seed + 1)
+        passages = [make_text(rng, encoder.tokenizer, 100, 400) for _ in range(max(8, int(16 * args.scale)))]
+        report["core"] = core_efficiency(encoder, passages, report["matmul_gflops"])
+        print("core:", json.dumps(report["core"]), flush=True)
+        lone = next(r for r in workload if r.kind == "query")
+        report["lone_query"] = {"in_process": await lone_query(in_process.call, lone, 20)}
+        if served:
+            report["lone_query"]["served"] = await lone_query(served.call, lone, 20)
+        print("lone query:", json.dumps(report["lone_query"]), flush=True)
+        report["runs"] = []
+        for c in concurrencies:
+            before = in_process.snapshot()
+            lat, tokens, wall = await drive(workload, c, in_process.call)
+            run = RunResult("in_process", c, len(workload), tokens, wall, lat, in_process.batch_stats_since(before))
+            report["runs"].append(run.summary())
+            print(json.dumps(run.summary()), flush=True)
+            if served:
+                before_m = await served.batch_counters()
+                lat, tokens, wall = await drive(workload, c, served.call)
+                run = RunResult("served", c, len(workload), tokens, wall, lat,
+                                Served.batch_stats_between(before_m, await served.batch_counters()))
+                report["runs"].append(run.summary())
+                print(json.dumps(run.summary()), flush=True)
+        top = max(concurrencies)
+        by = {r["name"]: r for r in report["runs"] if r["concurrency"] == top}
+        if "served" in by:
+            report["served_over_in_process_at_saturation"] = round(
+                by["served"]["tokens_per_s"] / by["in_process"]["tokens_per_s"], 3)
+
+    if args.scenario in ("priority", "all"):
+        report["priority"] = []
+        targets = [("in_process", in_process.call)] + ([("served", served.call)] if served else [])
+        for name, call in targets:
+            for on in (True, False):
+                result = await priority_scenario(call, workload, args.bulk_clients, args.query_interval_s,
+                                                 args.priority_duration_s, prioritise=on)
+                result["target"] = name
+                report["priority"].append(result)
+                print(json.dumps(result), flush=True)
+        report["longest_queue_wait_in_process_s"] = round(in_process.batcher.stats.longest_queue_s, 2)
+
+    in_process.batcher.close()
+    return report
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--model", required=True, help="model directory or hub id (the full-size stand-in for the targets)")
+    p.add_argument("--url", help="OpenAI-compatible base URL to benchmark as well, e.g. http://127.0.0.1:8000")
+    p.add_argument("--served-model", help="model id to send (default: first of /v1/models)")
+    p.add_argument("--api-key")
+    p.add_argument("--ray-address", help="Ray cluster of the service (e.g. auto): served batch statistics are "
+                   "read from its KalmEncoder replica")
+    p.add_argument("--concurrency", default="1,4,16")
+    p.add_argument("--scale", type=float, default=1.0, help="workload size (1.0 = 40 requests)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device")
+    p.add_argument("--threads", type=int)
+    p.add_argument("--max-batch-tokens", type=int, help="in-process token budget (default: the encoder's)")
+    p.add_argument("--max-batch-wait-ms", type=float, default=2.0)
+    p.add_argument("--scenario", choices=["throughput", "priority", "all"], default="throughput")
+    p.add_argument("--bulk-clients", type=int, default=8)
+    p.add_argument("--query-interval-s", type=float, default=1.0)
+    p.add_argument("--priority-duration-s", type=float, default=60.0)
+    p.add_argument("--json", help="write the report here")
+    return p.parse_args(argv)
+
+
+if __name__ == "__main__":
+    args = parse_args()
+    report = asyncio.run(main(args))
+    if args.json:
+        Path(args.json).write_text(json.dumps(report, indent=1))
+    print(json.dumps({k: v for k, v in report.items() if k not in ("runs", "priority")}, indent=1))

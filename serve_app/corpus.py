@@ -1,0 +1,601 @@
+"""Embed a whole corpus offline with Ray Data: the service's exact vectors, every GPU, resumable.
+
+    python -m serve_app.corpus --input docs/ --output vectors/ [--input-type document]
+    python -m serve_app.corpus --input 's3://bucket/corpus/*.parquet' --output s3://bucket/vectors/
+    python -m serve_app.corpus --input docs.jsonl --benchmark      # tokens/s against sentence-transformers
+
+The pipeline, one Ray Data dataset, streaming (memory is bounded by a few parts in flight)::
+
+    parts (fixed row ranges, the ones without output yet)
+      ─► read + tokenise          CPU tasks     (corpus_io.read_part, Encoder's TextTokenizer)
+      ─► EmbedParts actors        1 GPU each, or reserved CPUs; autoscaling pool
+                                  (Encoder.embed_token_ids: the service's token-budget batching)
+      ─► write                    CPU tasks     part-XXXXXXXX.parquet, atomically
+      ─► one summary row per part back to this process (progress, summary)
+
+Prompts follow the HTTP API exactly (``--instruction`` / ``--input-type`` are its
+``instruction`` / ``input_type``), so queries embedded by the service and documents
+embedded here live in the same space. See ``serve_app.corpus_io`` for the files.
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import json
+import logging
+import os
+import shutil
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from .config import DEFAULT_MODEL
+from .corpus_io import (
+    BAD_ROWS_DIR, FORMATS, MANIFEST, SUMMARY, Columns, CorpusError, Plan, absolute_uri, bad_rows_name,
+    check_unchanged, done_parts, join, list_inputs, make_plan, output_counts, part_name, prepare_output,
+    read_json, read_part, scan_file, write_atomically, write_json,
+)
+from .errors import InputTooLongError, KalmServeError
+
+log = logging.getLogger("serve_app.corpus")
+
+DEFAULT_ROWS_PER_PART = 10_000
+MAX_CPUS_PER_ACTOR = 8
+
+
+def _configure_logging() -> None:
+    """INFO from serve_app (the Encoder logs its model load), in the driver and in Ray workers."""
+    logger = logging.getLogger("serve_app")
+    logger.setLevel(logging.INFO)
+    if not logger.handlers:
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+        logger.addHandler(handler)
+        logger.propagate = False
+
+
+def _reserved_cpus() -> int:
+    """CPUs Ray reserved for this task or actor (at least 1)."""
+    import ray
+
+    return max(1, int(ray.get_runtime_context().get_assigned_resources().get("CPU", 0)))
+
+
+# --- stage 1: read + tokenise (CPU tasks) ----------------------------------------------
+
+
+@functools.lru_cache(maxsize=2)
+def _tokenizer(model: str, max_input_tokens: int | None):
+    """One tokenizer per worker process (Ray reuses workers across tasks)."""
+    from .checkpoint import read_model_files
+    from .tokenization import TextTokenizer
+
+    os.environ.setdefault("RAYON_NUM_THREADS", str(_reserved_cpus()))  # tokenizers: no more threads than reserved
+    return TextTokenizer(read_model_files(model), max_input_tokens)
+
+
+def tokenize(tokenizer, texts: list[str], prompt: str, truncate: bool) -> list[tuple[list[int] | None, str | None]]:
+    """``(token ids, None)`` per text, or ``(None, reason)`` for one over the token limit."""
+    try:
+        return [(t.ids, None) for t in tokenizer.encode_texts(texts, prompt=prompt, truncate=truncate)]
+    except InputTooLongError:
+        pass  # some are too long: find which, keep the rest
+    out = []
+    for text, t in zip(texts, tokenizer.encode_texts(texts, prompt=prompt, truncate=True)):
+        if not t.truncated:
+            out.append((t.ids, None))
+            continue
+        try:
+            tokenizer.encode_texts([text], prompt=prompt, truncate=False)
+        except InputTooLongError as e:
+            out.append((None, f"over-long: {e.length} tokens, more than the limit of {e.limit} tokens "
+                              f"(--truncate cuts it, --max-tokens sets the limit)"))
+    return out
+
+
+def read_and_tokenize(batch: pa.Table, plan: Plan, model: str, prompt: str, max_input_tokens: int | None,
+                      truncate: bool) -> pa.Table:
+    """Parts → one row per part: its good rows' ids and token ids, its bad rows as JSON lines."""
+    tokenizer = _tokenizer(model, max_input_tokens)
+    id_type = pa.int64() if plan.id_type == "int64" else pa.string()
+    rows = []
+    for part in batch.column("part").to_pylist():
+        started = time.perf_counter()
+        got = read_part(plan, part)
+        ids, lengths, values = [], [], []
+        tokenized = tokenize(tokenizer, got.texts, prompt, truncate)
+        for id_, (file, row), (token_ids, reason) in zip(got.ids, got.where, tokenized):
+            if reason is not None:
+                got.bad.append({"id": id_, "file": file, "row": row, "reason": reason})
+                continue
+            ids.append(id_)
+            lengths.append(len(token_ids))
+            values.append(np.asarray(token_ids, dtype=np.int32))
+        start, stop = plan.part_rows(part)
+        rows.append({
+            "part": part, "rows": stop - start, "ids": pa.array(ids, type=id_type),
+            "token_lengths": np.asarray(lengths, dtype=np.int32),
+            "token_values": np.concatenate(values) if values else np.empty(0, dtype=np.int32),
+            "bad": "".join(json.dumps(b, ensure_ascii=False) + "\n" for b in got.bad),
+            "read_s": time.perf_counter() - started,
+        })
+    return _rows_to_table(rows, id_type)
+
+
+def _rows_to_table(rows: list[dict], id_type: pa.DataType) -> pa.Table:
+    def lists(name, type_):
+        arrays = [r[name].cast(type_) if isinstance(r[name], pa.Array) else pa.array(r[name], type=type_)
+                  for r in rows]
+        offsets = np.cumsum([0] + [len(a) for a in arrays])
+        flat = pa.concat_arrays(arrays) if arrays else pa.array([], type=type_)
+        return pa.LargeListArray.from_arrays(pa.array(offsets, type=pa.int64()), flat)
+
+    columns = {"part": pa.array([r["part"] for r in rows], type=pa.int64()),
+               "rows": pa.array([r["rows"] for r in rows], type=pa.int64()),
+               "ids": lists("ids", id_type)}
+    for name, type_ in (("token_lengths", pa.int32()), ("token_values", pa.int32()), ("embedding", pa.float32())):
+        if name in rows[0]:
+            columns[name] = lists(name, type_)
+    columns["bad"] = pa.array([r["bad"] for r in rows], type=pa.large_string())
+    for name in ("read_s", "embed_s"):
+        if name in rows[0]:
+            columns[name] = pa.array([r[name] for r in rows], type=pa.float64())
+    return pa.table(columns)
+
+
+# --- stage 2: embed (actor pool: 1 GPU each, or reserved CPUs) ---------------------------
+
+
+class EmbedParts:
+    """One Encoder per actor; embeds a part's token ids with the service's token-budget batching."""
+
+    def __init__(self, model: str, device: str, dtype: str, max_input_tokens: int | None,
+                 max_batch_tokens: int | None, dimensions: int | None, read_kwargs: dict | None = None):
+        import torch
+
+        from .encoder import Encoder
+
+        _configure_logging()
+        if device == "auto":
+            device = "cuda" if torch.cuda.is_available() else "cpu"
+        if device == "cpu":
+            torch.set_num_threads(_reserved_cpus())  # Ray set OMP_NUM_THREADS; torch must really use that many
+        log.info("encoder actor starting: model=%s device=%s torch_threads=%d", model, device, torch.get_num_threads())
+        self.encoder = Encoder.from_pretrained(model, device=device, dtype=dtype, max_input_tokens=max_input_tokens,
+                                               max_batch_tokens=max_batch_tokens)
+        self.encoder.warm_up()
+        self.dimensions = dimensions
+        self.read_kwargs = read_kwargs
+
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        from .pooling import truncate_dimensions
+
+        if "token_values" not in batch.column_names:  # CPU clusters: read and tokenise here
+            batch = read_and_tokenize(batch, **self.read_kwargs)
+        id_type = batch.schema.field("ids").type.value_type
+        rows = []
+        for i in range(batch.num_rows):
+            started = time.perf_counter()
+            lengths = batch.column("token_lengths")[i].values.to_numpy()
+            values = batch.column("token_values")[i].values.to_numpy(zero_copy_only=False, writable=True)
+            token_ids = np.split(values, np.cumsum(lengths)[:-1]) if len(lengths) else []
+            vectors = self.encoder.embed_token_ids(token_ids) if token_ids else np.empty((0, self.encoder.dimensions),
+                                                                                        dtype=np.float32)
+            vectors = truncate_dimensions(vectors, self.dimensions)
+            rows.append({
+                "part": batch.column("part")[i].as_py(), "rows": batch.column("rows")[i].as_py(),
+                "ids": batch.column("ids")[i].values, "token_lengths": lengths,
+                "embedding": vectors.reshape(-1), "bad": batch.column("bad")[i].as_py(),
+                "read_s": batch.column("read_s")[i].as_py(), "embed_s": time.perf_counter() - started,
+            })
+        return _rows_to_table(rows, id_type)
+
+
+# --- stage 3: write (CPU tasks) --------------------------------------------------------
+
+
+def write_parts(batch: pa.Table, out_uri: str, dimensions: int) -> pa.Table:
+    """Write each part's bad rows, then its vectors (the file that marks the part done)."""
+    summary = []
+    for i in range(batch.num_rows):
+        part = batch.column("part")[i].as_py()
+        bad = batch.column("bad")[i].as_py()
+        if bad:
+            write_atomically(join(out_uri, bad_rows_name(part)), bad.encode())
+        lengths = batch.column("token_lengths")[i].values
+        values = batch.column("embedding")[i].values
+        table = pa.table({
+            "id": batch.column("ids")[i].values,
+            "embedding": pa.FixedSizeListArray.from_arrays(values, dimensions),
+            "n_tokens": lengths,
+        })
+        sink = pa.BufferOutputStream()
+        pq.write_table(table, sink)
+        write_atomically(join(out_uri, part_name(part)), sink.getvalue())
+        summary.append({"part": part, "rows": batch.column("rows")[i].as_py(), "embedded": len(table),
+                        "bad": bad.count("\n"), "tokens": int(lengths.to_numpy().sum()),
+                        "read_s": batch.column("read_s")[i].as_py(), "embed_s": batch.column("embed_s")[i].as_py()})
+    return pa.Table.from_pylist(summary)
+
+
+# --- the job ---------------------------------------------------------------------------
+
+
+@dataclass
+class JobSettings:
+    """What decides the vectors and the parts; a resumed job must be given the same."""
+
+    model: str
+    prompt: str
+    dimensions: int | None
+    max_tokens: int
+    truncate: bool
+    text_column: str
+    id_column: str
+    format: str | None
+    rows_per_part: int
+
+    def as_dict(self) -> dict:
+        return dict(self.__dict__)
+
+
+@dataclass
+class Progress:
+    """Counts what came back and prints a line now and then (every ``interval`` seconds)."""
+
+    total_rows: int
+    rows_before: int
+    interval: float = 5.0
+    started: float = field(default_factory=time.perf_counter)
+    parts: int = 0
+    rows: int = 0
+    embedded: int = 0
+    bad: int = 0
+    tokens: int = 0
+    embed_s: float = 0.0
+    _last: float = 0.0
+
+    def update(self, summary: pa.Table) -> None:
+        for row in summary.to_pylist():
+            self.parts += 1
+            self.rows += row["rows"]
+            self.embedded += row["embedded"]
+            self.bad += row["bad"]
+            self.tokens += row["tokens"]
+            self.embed_s += row["embed_s"]
+        now = time.perf_counter()
+        if now - self._last >= self.interval:
+            self._last = now
+            self.print()
+
+    def print(self) -> None:
+        elapsed = time.perf_counter() - self.started
+        done = self.rows_before + self.rows
+        left = self.total_rows - done
+        rate = self.rows / elapsed if elapsed > 0 else 0.0
+        eta = f"{_clock(left / rate)}" if rate > 0 and left else "-"
+        print(f"[corpus] {done:,}/{self.total_rows:,} rows ({100 * done / max(1, self.total_rows):.1f}%) | "
+              f"{self.bad:,} bad | {self.tokens:,} tokens | {self.tokens / max(elapsed, 1e-9):,.0f} tokens/s | "
+              f"{_clock(elapsed)} elapsed | eta {eta}", file=sys.stderr, flush=True)
+
+
+def _clock(seconds: float) -> str:
+    seconds = int(round(seconds))
+    return f"{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}"
+
+
+def _resolve_model(name: str | None) -> str:
+    name = name or os.environ.get("KALM_MODEL") or DEFAULT_MODEL
+    return os.path.abspath(os.path.expanduser(name)) if os.path.isdir(os.path.expanduser(name)) else name
+
+
+def _prompt(tokenizer, instruction: str | None, input_type: str | None) -> str:
+    """The service's prompt for these request fields (protocol's own function, not a copy)."""
+    from .config import ServiceConfig
+    from .protocol import EmbeddingRequest, _prompt as service_prompt
+
+    request = EmbeddingRequest(model="corpus", input="", instruction=instruction, input_type=input_type)
+    return service_prompt(request, ServiceConfig(model="corpus"), tokenizer)
+
+
+def _actor_options(device: str, cpus_per_actor: int | None, max_actors: int | None) -> tuple[dict, int]:
+    """Ray resources of one encoder actor, and how many the pool may grow to."""
+    import ray
+
+    gpus = int(ray.cluster_resources().get("GPU", 0))
+    if device == "cuda" or (device == "auto" and gpus >= 1):
+        return {"num_gpus": 1, "num_cpus": 1}, max_actors or max(1, gpus)
+    node_cpus = [int(n["Resources"].get("CPU", 0)) for n in ray.nodes() if n.get("Alive")]
+    largest = max(node_cpus, default=os.cpu_count() or 1)
+    if cpus_per_actor is None:
+        # About 8 actors per node (each holds a copy of the model), of 1 to 8 threads.
+        cpus_per_actor = max(1, min(MAX_CPUS_PER_ACTOR, largest // 8))
+    fitting = sum(c // cpus_per_actor for c in node_cpus)
+    return {"num_cpus": cpus_per_actor}, max_actors or max(1, fitting)
+
+
+def _init_ray(address: str | None, object_store_memory: int | None) -> bool:
+    """Connect to (or start) Ray; True when this process started it."""
+    import ray
+
+    if ray.is_initialized():
+        return False
+    address = address or os.environ.get("RAY_ADDRESS")
+    kwargs = {} if address else {"object_store_memory": object_store_memory, "include_dashboard": False}
+    ray.init(address=address, **kwargs)
+    return not address
+
+
+def run(args: argparse.Namespace) -> dict:
+    """The whole job; returns the summary (also written to OUTPUT/_summary.json)."""
+    import ray
+
+    from .checkpoint import read_model_files
+    from .tokenization import TextTokenizer
+
+    wall_started = time.perf_counter()
+    model = _resolve_model(args.model)
+    files = read_model_files(model)  # fails here, with the way out, when the model can't be found
+    if args.dimensions is not None and not 1 <= args.dimensions <= files.hidden_size:
+        raise CorpusError(f"--dimensions must be between 1 and {files.hidden_size}, got {args.dimensions}")
+    tokenizer = TextTokenizer(files, args.max_tokens)
+    settings = JobSettings(
+        model=model, prompt=_prompt(tokenizer, args.instruction, args.input_type), dimensions=args.dimensions,
+        max_tokens=tokenizer.max_input_tokens, truncate=args.truncate, text_column=args.text_column,
+        id_column=args.id_column or "id", format=args.format, rows_per_part=args.rows_per_part,
+    )
+    out_uri = absolute_uri(args.output)
+    inputs = list_inputs(absolute_uri(args.input), args.format)
+
+    started_ray = _init_ray(args.address, args.object_store_memory)
+    try:
+        manifest = read_json(join(out_uri, MANIFEST))
+        if manifest is not None:
+            plan = Plan.from_json(manifest)
+            differ = {k: (plan.settings.get(k), v) for k, v in settings.as_dict().items() if plan.settings.get(k) != v}
+            if differ:
+                raise CorpusError(
+                    f"{args.output} was started with other settings: "
+                    + "; ".join(f"{k}: was {a!r}, now {b!r}" for k, (a, b) in differ.items())
+                    + ". Resume with the same arguments, or write to a new --output")
+            check_unchanged(plan, inputs)
+            log.info("resuming %s: %d rows in %d parts", args.output, plan.rows, plan.parts)
+        else:
+            cols = Columns(text=settings.text_column, id=settings.id_column)
+            scan = ray.remote(num_cpus=1)(scan_file)
+            plan_started = time.perf_counter()
+            scans = ray.get([scan.remote(f, cols) for f in inputs])
+            plan = make_plan(inputs, scans, settings.as_dict(), settings.rows_per_part, args.id_column is not None)
+            write_json(join(out_uri, MANIFEST), plan.to_json())
+            log.info("planned %d input file(s), %d rows, %d parts of <= %d rows, ids from %s (%s), in %.1fs",
+                     len(plan.files), plan.rows, plan.parts, plan.rows_per_part, plan.id_source, plan.id_type,
+                     time.perf_counter() - plan_started)
+        prepare_output(out_uri)
+        done = done_parts(out_uri)
+        pending = [p for p in range(plan.parts) if p not in done]
+        rows_before = sum(b - a for a, b in map(plan.part_rows, sorted(done)))
+        progress = Progress(plan.rows, rows_before, interval=args.progress_interval)
+        if done:
+            log.info("%d of %d parts already done (%d rows): embedding the %d missing", len(done), plan.parts,
+                     rows_before, len(pending))
+
+        pipeline_s = 0.0
+        if pending:
+            pipeline_started = time.perf_counter()
+            dataset = _pipeline(plan, pending, settings, args, out_uri, settings.dimensions or files.hidden_size)
+            for summary in dataset.iter_batches(
+                    batch_size=None, batch_format="pyarrow"):
+                progress.update(summary)
+            pipeline_s = time.perf_counter() - pipeline_started
+            progress.print()
+        good, bad = output_counts(out_uri)
+        incomplete = [p for p in range(plan.parts)
+                      if p not in good or good[p] + bad.get(p, 0) != plan.part_rows(p)[1] - plan.part_rows(p)[0]]
+    finally:
+        if started_ray:
+            ray.shutdown()
+
+    wall_s = time.perf_counter() - wall_started
+    summary = {
+        "output": args.output, "complete": not incomplete, "incomplete_parts": incomplete[:20],
+        "corpus_rows": plan.rows, "corpus_embedded": sum(good.values()), "corpus_bad": sum(bad.values()),
+        "parts": plan.parts, "parts_done_before": len(done), "parts_this_run": progress.parts,
+        "rows": progress.rows, "embedded": progress.embedded, "bad": progress.bad, "tokens": progress.tokens,
+        "pipeline_s": round(pipeline_s, 3), "wall_s": round(wall_s, 3),
+        "tokens_per_s": round(progress.tokens / pipeline_s, 1) if pipeline_s else 0.0,
+        "tokens_per_s_wall": round(progress.tokens / wall_s, 1) if wall_s else 0.0,
+        "dimensions": settings.dimensions or files.hidden_size, "id_source": plan.id_source, "id_type": plan.id_type,
+    }
+    write_json(join(out_uri, SUMMARY), summary)
+    _print_summary(summary, out_uri)
+    return summary
+
+
+def _pipeline(plan: Plan, pending: list[int], settings: JobSettings, args: argparse.Namespace, out_uri: str,
+              dimensions: int):
+    """The Ray Data dataset whose rows are the summaries of the parts it has written.
+
+    GPU clusters: read + tokenise in CPU tasks, feeding one encoder actor per GPU.
+    CPU-only clusters: the encoder actors read and tokenise their parts themselves
+    (a few % of the model's work), so every CPU can run the model.
+    """
+    import ray
+    from ray.data import ActorPoolStrategy, DataContext
+
+    ctx = DataContext.get_current()
+    ctx.enable_progress_bars = args.ray_progress if args.ray_progress is not None else sys.stderr.isatty()
+    actor_resources, max_actors = _actor_options(args.device, args.cpus_per_actor, args.max_actors)
+    on_gpus = bool(actor_resources.get("num_gpus"))
+    log.info("encoder actors: %s each, pool of 1..%d; tokenising in %s", actor_resources, max_actors,
+             "CPU tasks" if on_gpus else "the actors")
+    read_kwargs = dict(plan=plan, model=settings.model, prompt=settings.prompt,
+                       max_input_tokens=settings.max_tokens, truncate=settings.truncate)
+
+    ds = ray.data.from_items([{"part": p} for p in pending], override_num_blocks=len(pending))
+    if on_gpus:
+        ds = ds.map_batches(read_and_tokenize, batch_size=1, batch_format="pyarrow", num_cpus=1,
+                            fn_kwargs=read_kwargs)
+    ds = ds.map_batches(
+        EmbedParts, batch_size=1, batch_format="pyarrow",
+        compute=ActorPoolStrategy(min_size=1, max_size=max_actors, initial_size=min(max_actors, len(pending))),
+        fn_constructor_kwargs=dict(model=settings.model, device=args.device, dtype=args.dtype,
+                                   max_input_tokens=settings.max_tokens, max_batch_tokens=args.batch_tokens,
+                                   dimensions=settings.dimensions, read_kwargs=None if on_gpus else read_kwargs),
+        **actor_resources,
+    )
+    # Writing is light next to the model, like the service's ingress: it reserves no CPU.
+    return ds.map_batches(write_parts, batch_size=1, batch_format="pyarrow", num_cpus=0,
+                          fn_kwargs=dict(out_uri=out_uri, dimensions=dimensions))
+
+
+def _print_summary(s: dict, out_uri: str) -> None:
+    state = "complete" if s["complete"] else f"INCOMPLETE ({len(s['incomplete_parts'])}+ parts missing)"
+    bad_note = f" (reasons in {join(out_uri, BAD_ROWS_DIR)}/)" if s["corpus_bad"] else ""
+    print(
+        f"corpus job {state}: {out_uri}\n"
+        f"  this run      {s['rows']:,} rows in {s['parts_this_run']:,} parts "
+        f"({s['parts_done_before']:,} of {s['parts']:,} parts were already done)\n"
+        f"  embedded      {s['embedded']:,} rows, {s['tokens']:,} tokens\n"
+        f"  rows skipped  {s['bad']:,}{bad_note}\n"
+        f"  tokens/s      {s['tokens_per_s']:,.0f} (pipeline {s['pipeline_s']:.1f} s); "
+        f"{s['tokens_per_s_wall']:,.0f} over the wall time\n"
+        f"  wall time     {s['wall_s']:.1f} s\n"
+        f"  corpus        {s['corpus_rows']:,} rows: {s['corpus_embedded']:,} embedded, {s['corpus_bad']:,} bad",
+        flush=True,
+    )
+
+
+# --- benchmark -------------------------------------------------------------------------
+
+
+def benchmark(args: argparse.Namespace) -> dict:
+    """Run the job, then sentence-transformers' ``encode`` on the same texts and model directory."""
+    import torch
+
+    own_output = args.output is None
+    if own_output:
+        args.output = tempfile.mkdtemp(prefix="kalm-corpus-bench-")
+    elif read_json(join(absolute_uri(args.output), MANIFEST)) is not None:
+        raise CorpusError(f"--benchmark needs a fresh --output; {args.output} already holds a job")
+    try:
+        job = run(args)
+        plan = Plan.from_json(read_json(join(absolute_uri(args.output), MANIFEST)))
+        texts = [t for p in range(plan.parts) for t in read_part(plan, p).texts]
+        good = pq.read_table(absolute_uri(args.output), columns=["embedding"]) if "://" not in args.output else None
+    finally:
+        if own_output:
+            shutil.rmtree(args.output, ignore_errors=True)
+
+    from sentence_transformers import SentenceTransformer
+
+    device = args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
+    model_kwargs = {"dtype": torch.bfloat16} if device == "cuda" and args.dtype in ("auto", "bf16", "bfloat16") else {}
+    st = SentenceTransformer(plan.settings["model"], device=device, model_kwargs=model_kwargs)
+    prompt = plan.settings["prompt"] or None
+    st.encode(texts[:64], prompt=prompt, batch_size=args.st_batch_size)  # warm-up
+    started = time.perf_counter()
+    st_vectors = st.encode(texts, prompt=prompt, batch_size=args.st_batch_size, convert_to_numpy=True)
+    st_s = time.perf_counter() - started
+    st_tps = job["tokens"] / st_s
+    result = {
+        "texts": len(texts), "tokens": job["tokens"], "device": device, "torch_threads": torch.get_num_threads(),
+        "corpus_pipeline_s": job["pipeline_s"], "corpus_wall_s": job["wall_s"],
+        "corpus_tokens_per_s": job["tokens_per_s"], "corpus_tokens_per_s_wall": job["tokens_per_s_wall"],
+        "st_s": round(st_s, 3), "st_tokens_per_s": round(st_tps, 1), "st_batch_size": args.st_batch_size,
+        "ratio": round(job["tokens_per_s"] / st_tps, 3), "ratio_wall": round(job["tokens_per_s_wall"] / st_tps, 3),
+    }
+    if good is not None and len(good) == len(st_vectors) and plan.settings["dimensions"] is None:
+        ours = np.asarray(good.column("embedding").combine_chunks().flatten()).reshape(len(good), -1)
+        result["mean_cosine_vs_st"] = round(float(np.mean(np.sum(ours * st_vectors, axis=1))), 4)
+    print(
+        f"benchmark: {len(texts):,} texts, {job['tokens']:,} tokens, same model directory, device {device}\n"
+        f"  kalm-serve corpus job (Ray Data)   {job['tokens_per_s']:>12,.0f} tokens/s  "
+        f"(pipeline {job['pipeline_s']:.1f} s; {job['tokens_per_s_wall']:,.0f} tokens/s over {job['wall_s']:.1f} s "
+        f"wall, Ray start and planning included)\n"
+        f"  sentence-transformers encode       {st_tps:>12,.0f} tokens/s  "
+        f"({st_s:.1f} s, batch_size={args.st_batch_size}, {torch.get_num_threads()} torch threads)\n"
+        f"  ratio                              {result['ratio']:>12.2f}x  ({result['ratio_wall']:.2f}x wall)",
+        flush=True,
+    )
+    if "mean_cosine_vs_st" in result:
+        print(f"  mean cosine(ours, sentence-transformers) = {result['mean_cosine_vs_st']}: sentence-transformers "
+              f"loads a KaLM directory as stock (causal) Qwen2 without remote code, so its vectors are not "
+              f"KaLM's; only its speed is comparable", flush=True)
+    return result
+
+
+# --- command line ----------------------------------------------------------------------
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python -m serve_app.corpus", description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--input", required=True, help="a file, a folder or a glob; local or a URI (s3://, gs://, ...)")
+    p.add_argument("--output", help="directory (local or URI) for part-*.parquet; required unless --benchmark")
+    p.add_argument("--format", choices=FORMATS, help="input format (default: from each file's extension)")
+    p.add_argument("--text-column", default="text", help="column / JSON field holding the text (default: text)")
+    p.add_argument("--id-column", default=None,
+                   help="column / JSON field holding the id (default: id; the row number when inputs have none)")
+    p.add_argument("--model", help="hub id or local directory (default: $KALM_MODEL, else the service's default)")
+    prompt = p.add_mutually_exclusive_group()
+    prompt.add_argument("--instruction", help="task instruction: 'Instruct: {instruction} \\n Query: {text}'")
+    prompt.add_argument("--input-type", choices=["query", "document"],
+                        help="query: the model's query prompt; document: no prompt (as the HTTP API)")
+    p.add_argument("--dimensions", type=int, help="Matryoshka: keep the first k dims, then L2-normalise")
+    p.add_argument("--max-tokens", type=int, help="most tokens per text (default and ceiling: the model's limit)")
+    p.add_argument("--truncate", action="store_true", help="cut over-long texts instead of listing them as bad rows")
+    p.add_argument("--rows-per-part", type=int, default=DEFAULT_ROWS_PER_PART,
+                   help=f"rows per output file and per unit of resumption (default {DEFAULT_ROWS_PER_PART})")
+    run_ = p.add_argument_group("where it runs")
+    run_.add_argument("--address", help="Ray cluster to use (default: $RAY_ADDRESS, else a local Ray)")
+    run_.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto",
+                      help="auto: one GPU per encoder actor where the cluster has GPUs, else CPUs")
+    run_.add_argument("--dtype", default="auto", help="auto (bf16 on CUDA, fp32 on CPU), float32, bfloat16, float16")
+    run_.add_argument("--batch-tokens", type=int,
+                      help="token budget of one forward pass (default as the service: 16384 CUDA, 512 CPU)")
+    run_.add_argument("--max-actors", type=int, help="most encoder actors (default: the cluster's GPUs, or CPUs)")
+    run_.add_argument("--cpus-per-actor", type=int, help="CPU-only clusters: CPUs (torch threads) per encoder actor")
+    run_.add_argument("--object-store-memory", type=int, help="bytes, when this command starts a local Ray")
+    run_.add_argument("--progress-interval", type=float, default=5.0, help="seconds between progress lines")
+    run_.add_argument("--ray-progress", action=argparse.BooleanOptionalAction, default=None,
+                      help="Ray Data's own progress bars (default: when stderr is a terminal)")
+    bench = p.add_argument_group("benchmark")
+    bench.add_argument("--benchmark", action="store_true",
+                       help="after the job, run sentence-transformers' encode on the same texts and compare tokens/s")
+    bench.add_argument("--st-batch-size", type=int, default=32, help="sentence-transformers batch size (default 32)")
+    args = p.parse_args(argv)
+    if args.output is None and not args.benchmark:
+        p.error("--output is required")
+    if args.instruction is not None and not args.instruction.strip():
+        p.error("--instruction must not be empty")
+    for name in ("dimensions", "max_tokens", "rows_per_part", "batch_tokens", "max_actors", "cpus_per_actor"):
+        if getattr(args, name) is not None and getattr(args, name) < 1:
+            p.error(f"--{name.replace('_', '-')} must be at least 1")
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    _configure_logging()
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    try:
+        if args.benchmark:
+            benchmark(args)
+            return 0
+        return 0 if run(args)["complete"] else 1
+    except (CorpusError, KalmServeError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    # Run the module's own copy, so Ray pickles its functions as serve_app.corpus.*, not __main__.*
+    from serve_app.corpus import main as _main
+
+    sys.exit(_main())
