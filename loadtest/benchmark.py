@@ -35,18 +35,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from serve_app.checkpoint import KALM_QUERY_INSTRUCTION  # noqa: E402
-
-WORDS = {
-    "en": "the model serves embeddings for search and retrieval across many languages with low latency "
-          "while batching requests from thousands of users on shared accelerators".split(),
-    "de": "das Modell liefert Vektoren für die Suche in vielen Sprachen und verarbeitet Anfragen schnell".split(),
-    "es": "el modelo genera vectores para la búsqueda de documentos en muchos idiomas con baja latencia".split(),
-    "ru": "модель создаёт векторы для поиска документов на многих языках с низкой задержкой".split(),
-    "zh": list("模型为多种语言的搜索和检索生成向量并以低延迟处理来自成千上万用户的请求"),
-    "ja": list("このモデルは多言語の検索のためにベクトルを生成し低遅延で要求を処理します"),
-    "ar": "النموذج ينتج متجهات للبحث عن المستندات بلغات كثيرة وبسرعة عالية".split(),
-}
-
+from traffic import make_text, pick_language  # noqa: E402  (loadtest/, the load test's texts)
 
 @dataclass(frozen=True)
 class Request:
@@ -55,26 +44,12 @@ class Request:
     instruction: str | None = None
 
 
-def make_text(rng: random.Random, tokenizer, lo: int, hi: int) -> str:
-    """A text of lo..hi tokens in one random language."""
-    lang = rng.choice(sorted(WORDS))
-    target = rng.randint(lo, hi)
-    sep = "" if lang in ("zh", "ja") else " "
-    words: list[str] = []
-    while True:
-        words.extend(rng.choice(WORDS[lang]) for _ in range(max(1, (target - len(words)) // 2)))
-        text = sep.join(words)
-        n = len(tokenizer.encode_texts([text], truncate=True)[0].ids)
-        if n >= lo:
-            break
-    while n > hi:
-        words = words[: max(1, int(len(words) * hi / n) - 1)]
-        text = sep.join(words)
-        n = len(tokenizer.encode_texts([text], truncate=True)[0].ids)
-    return text
+def text_of(rng: random.Random, lo: int, hi: int, question: bool = False) -> str:
+    """About lo..hi Qwen2 tokens in a random language (the load test's seeded text generator)."""
+    return make_text(rng, pick_language(rng), rng.randint(lo, hi), question=question)
 
 
-def make_workload(tokenizer, n_requests: int, seed: int = 0) -> list[Request]:
+def make_workload(n_requests: int, seed: int = 0) -> list[Request]:
     """55% single queries (with instruction), 40% 1-4 passages of 100-400 tokens, 5% (at least one) a
     2-4k-token document; in a seeded random order."""
     rng = random.Random(seed)
@@ -85,11 +60,11 @@ def make_workload(tokenizer, n_requests: int, seed: int = 0) -> list[Request]:
     out = []
     for kind in kinds:
         if kind == "query":
-            out.append(Request("query", (make_text(rng, tokenizer, 5, 30),), KALM_QUERY_INSTRUCTION))
+            out.append(Request("query", (text_of(rng, 5, 30, question=True),), KALM_QUERY_INSTRUCTION))
         elif kind == "passages":
-            out.append(Request("passages", tuple(make_text(rng, tokenizer, 100, 400) for _ in range(rng.randint(1, 4)))))
+            out.append(Request("passages", tuple(text_of(rng, 100, 400) for _ in range(rng.randint(1, 4)))))
         else:
-            out.append(Request("long", (make_text(rng, tokenizer, 2000, 4000),)))
+            out.append(Request("long", (text_of(rng, 2000, 4000),)))
     return out
 
 
@@ -149,14 +124,16 @@ async def drive(workload: list[Request], concurrency: int, call) -> tuple[dict, 
 class InProcess:
     """The replica's path without Ray or HTTP: tokenise, TokenBudgetBatcher, Encoder."""
 
-    def __init__(self, encoder, max_batch_wait_s: float, bulk_slack_s: float = 5.0):
+    def __init__(self, encoder, max_batch_wait_s: float):
         from serve_app.config import ServiceConfig
         from serve_app.scheduler import TokenBudgetBatcher
 
         self.encoder = encoder
-        self.interactive_max_tokens = ServiceConfig().interactive_max_tokens  # the service's default
-        self.batcher = TokenBudgetBatcher(encoder.forward_batch, encoder.dimensions, encoder.max_batch_tokens,
-                                          max_batch_wait_s=max_batch_wait_s, bulk_slack_s=bulk_slack_s)
+        defaults = ServiceConfig()  # the service's scheduling defaults
+        self.interactive_max_tokens = defaults.interactive_max_tokens
+        self.batcher = TokenBudgetBatcher(encoder.start_batch, encoder.dimensions, encoder.max_batch_tokens,
+                                          max_batch_wait_s=max_batch_wait_s,
+                                          interactive_max_share=defaults.interactive_max_share)
 
     async def call(self, req: Request, priority: str | None = None) -> int:
         tok = self.encoder.tokenizer
@@ -335,7 +312,7 @@ async def main(args) -> dict:
     torch.set_num_threads(args.threads or torch.get_num_threads())
     encoder = Encoder.from_pretrained(args.model, device=args.device, max_batch_tokens=args.max_batch_tokens)
     n_requests = max(8, int(40 * args.scale))
-    workload = make_workload(encoder.tokenizer, n_requests, seed=args.seed)
+    workload = make_workload(n_requests, seed=args.seed)
     total_tokens = sum(len(t.ids) for r in workload for t in encoder.tokenizer.encode_texts(
         list(r.texts), encoder.tokenizer.prompt_for(r.instruction), truncate=True))
     report: dict = {"model": str(encoder.files.path), "standin": encoder.files.is_standin,
@@ -353,7 +330,7 @@ async def main(args) -> dict:
     if args.scenario in ("throughput", "all"):
         report["matmul_gflops"] = round(matmul_gflops(), 1)
         rng = random.Random(args.seed + 1)
-        passages = [make_text(rng, encoder.tokenizer, 100, 400) for _ in range(max(8, int(16 * args.scale)))]
+        passages = [text_of(rng, 100, 400) for _ in range(max(8, int(16 * args.scale)))]
         report["core"] = core_efficiency(encoder, passages, report["matmul_gflops"])
         print("core:", json.dumps(report["core"]), flush=True)
         lone = next(r for r in workload if r.kind == "query")

@@ -116,7 +116,7 @@ def make_text(rng: random.Random, lang: str, n_tokens: int, question: bool = Fal
     return ("" if lang in NO_SPACES else " ").join(sentences)
 
 
-def _pick_language(rng: random.Random) -> str:
+def pick_language(rng: random.Random) -> str:
     langs = list(LANGUAGE_WEIGHTS)
     return rng.choices(langs, weights=[LANGUAGE_WEIGHTS[x] for x in langs])[0]
 
@@ -132,9 +132,9 @@ class Corpus:
     def generate(cls, seed: int, query_tokens: tuple[int, int], passage_tokens: tuple[int, int],
                  n_queries: int = 2000, n_passages: int = 1000) -> "Corpus":
         rng = random.Random(seed)
-        queries = [make_text(rng, _pick_language(rng), rng.randint(*query_tokens), question=True)
+        queries = [make_text(rng, pick_language(rng), rng.randint(*query_tokens), question=True)
                    for _ in range(n_queries)]
-        passages = [make_text(rng, _pick_language(rng), rng.randint(*passage_tokens))
+        passages = [make_text(rng, pick_language(rng), rng.randint(*passage_tokens))
                     for _ in range(n_passages)]
         return cls(queries, passages)
 

@@ -14,6 +14,7 @@ Any other architecture (BERT-like sentence-transformers models) is loaded with
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass
 
 import torch
 from torch import nn
@@ -24,8 +25,24 @@ from .errors import MissingWeightsError, ModelLoadError
 log = logging.getLogger(__name__)
 
 
+@dataclass
+class LayerState:
+    """A forward pass between two layers: what the next layer needs."""
+
+    hidden: torch.Tensor
+    mask: torch.Tensor | None
+    position_embeddings: tuple[torch.Tensor, torch.Tensor]
+    position_ids: torch.Tensor
+    next_layer: int = 0
+
+
 class BidirectionalQwen2(nn.Module):
-    """Qwen2 with full (non-causal) attention over every non-padding token."""
+    """Qwen2 with full (non-causal) attention over every non-padding token.
+
+    Runs stock Qwen2 modules layer by layer (``begin`` / ``advance`` / ``end``), so a
+    forward pass can stop between layers and go on later: the scheduler uses that to
+    let interactive work overtake a long bulk batch.
+    """
 
     def __init__(self, qwen2):
         super().__init__()
@@ -38,26 +55,40 @@ class BidirectionalQwen2(nn.Module):
         # SDPA and flash attention consult the module flag when no mask is passed.
         for layer in qwen2.layers:
             layer.self_attn.is_causal = False
-        self._layer_types = set(qwen2.config.layer_types)
+        self.num_layers = qwen2.config.num_hidden_layers
 
     @property
     def config(self):
         return self.qwen2.config
 
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        embeds = self.qwen2.embed_tokens(input_ids)
+    def begin(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> LayerState:
+        hidden = self.qwen2.embed_tokens(input_ids)
         # None when nothing is padded: SDPA then runs its fused kernel with no mask at all.
-        mask = self._create_mask(config=self.config, inputs_embeds=embeds, attention_mask=attention_mask)
-        out = self.qwen2(
-            inputs_embeds=embeds,
-            attention_mask={layer_type: mask for layer_type in self._layer_types},
-            use_cache=False,
-        )
-        return out.last_hidden_state
+        mask = self._create_mask(config=self.config, inputs_embeds=hidden, attention_mask=attention_mask)
+        # Right padding: every text's positions start at 0, whatever batch it is in.
+        position_ids = torch.arange(input_ids.shape[1], device=input_ids.device).unsqueeze(0)
+        return LayerState(hidden, mask, self.qwen2.rotary_emb(hidden, position_ids), position_ids)
+
+    def advance(self, state: LayerState, layers: int | None = None) -> bool:
+        """Run up to ``layers`` more layers (all by default); True once the last has run."""
+        stop = self.num_layers if layers is None else min(self.num_layers, state.next_layer + layers)
+        for layer in self.qwen2.layers[state.next_layer:stop]:
+            state.hidden = layer(state.hidden, attention_mask=state.mask, position_ids=state.position_ids,
+                                 position_embeddings=state.position_embeddings, use_cache=False)
+        state.next_layer = stop
+        return stop == self.num_layers
+
+    def end(self, state: LayerState) -> torch.Tensor:
+        return self.qwen2.norm(state.hidden)
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        state = self.begin(input_ids, attention_mask)
+        self.advance(state)
+        return self.end(state)
 
 
 class AutoEncoderBackbone(nn.Module):
-    """Any bidirectional encoder AutoModel knows (BERT, XLM-R, ...)."""
+    """Any bidirectional encoder AutoModel knows (BERT, XLM-R, ...); runs in one piece."""
 
     def __init__(self, model):
         super().__init__()

@@ -68,11 +68,11 @@ class ServiceConfig(BaseModel):
     interactive_max_tokens: int = Field(
         128, ge=0, description="Requests with at most this many tokens in total are interactive: they "
         "overtake bulk work (a request may set priority explicitly).")
-    bulk_slack_s: float = Field(
-        5.0, ge=0, description="Ageing: bulk work waiting longer than this goes before newer interactive "
-        "work, so nothing starves.")
+    interactive_max_share: float = Field(
+        0.5, gt=0, le=1, description="Interactive work goes first only while it has used less than this "
+        "share of a replica's recent compute time, so bulk work is never starved.")
     max_queued_tokens_per_replica: int = Field(
-        2_000_000, gt=0, description="Tokens a replica holds queued before it refuses more (429).")
+        2_000_000, gt=0, description="Tokens a replica holds queued before it refuses more (503 + Retry-After).")
 
     @field_validator("device")
     @classmethod

@@ -57,7 +57,6 @@ def _configure_logging() -> None:
         handler = logging.StreamHandler(sys.stderr)
         handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
         logger.addHandler(handler)
-        logger.propagate = False
 
 
 def _reserved_cpus() -> int:

@@ -143,24 +143,15 @@ class Encoder:
 
     # --- one forward pass --------------------------------------------------------------
 
-    @torch.inference_mode()
+    def start_batch(self, token_ids: Sequence[Sequence[int]]) -> "BatchRun":
+        """A forward pass over ``token_ids`` as one padded batch, run with ``BatchRun.run``."""
+        return BatchRun(self, token_ids)
+
     def forward_batch(self, token_ids: Sequence[Sequence[int]]) -> tuple[np.ndarray, BatchStats]:
-        """One forward pass over ``token_ids`` as a single padded batch."""
-        started = time.perf_counter()
-        input_ids, attention_mask = pad_batch(token_ids, self.tokenizer.pad_token_id)
-        input_ids = input_ids.to(self.device, non_blocking=True)
-        attention_mask = attention_mask.to(self.device, non_blocking=True)
-        hidden = self.model(input_ids=input_ids, attention_mask=attention_mask)
-        vectors = pool(hidden, attention_mask, self.files.pooling).cpu().numpy()
-        if self.files.normalize:
-            vectors = l2_normalize(vectors)
-        stats = BatchStats(
-            rows=len(token_ids),
-            tokens=int(attention_mask.sum()),
-            padded_tokens=int(attention_mask.numel()),
-            seconds=time.perf_counter() - started,
-        )
-        return vectors.astype(np.float32, copy=False), stats
+        """One forward pass over ``token_ids`` as a single padded batch, start to end."""
+        run = self.start_batch(token_ids)
+        run.run()
+        return run.result()
 
     def warm_up(self) -> float:
         """Run one small batch so the first real request does not pay for lazy init."""
@@ -169,3 +160,51 @@ class Encoder:
         seconds = time.perf_counter() - started
         log.info("warm-up done in %.2fs", seconds)
         return seconds
+
+
+class BatchRun:
+    """One forward pass that can stop between layers and go on later.
+
+    ``run(should_yield)`` advances layer by layer and returns False as soon as
+    ``should_yield()`` is true (the hidden states stay here), True once done. Backbones
+    that cannot be stepped (AutoModel encoders) run in one piece.
+    """
+
+    def __init__(self, encoder: Encoder, token_ids: Sequence[Sequence[int]]):
+        self.encoder = encoder
+        self.rows = len(token_ids)
+        input_ids, attention_mask = pad_batch(token_ids, encoder.tokenizer.pad_token_id)
+        self.input_ids = input_ids.to(encoder.device, non_blocking=True)
+        self.attention_mask = attention_mask.to(encoder.device, non_blocking=True)
+        self.compute_s = 0.0
+        self._state = None
+        self._vectors: np.ndarray | None = None
+
+    @torch.inference_mode()
+    def run(self, should_yield=None) -> bool:
+        started = time.perf_counter()
+        try:
+            model = self.encoder.model
+            if should_yield is None or not hasattr(model, "begin"):
+                hidden = model(input_ids=self.input_ids, attention_mask=self.attention_mask)
+            else:
+                if self._state is None:
+                    self._state = model.begin(self.input_ids, self.attention_mask)
+                while not model.advance(self._state, layers=1):
+                    if should_yield():
+                        return False
+                hidden = model.end(self._state)
+                self._state = None
+            vectors = pool(hidden, self.attention_mask, self.encoder.files.pooling).cpu().numpy()
+            if self.encoder.files.normalize:
+                vectors = l2_normalize(vectors)
+            self._vectors = vectors.astype(np.float32, copy=False)
+            return True
+        finally:
+            self.compute_s += time.perf_counter() - started
+
+    def result(self) -> tuple[np.ndarray, BatchStats]:
+        assert self._vectors is not None, "the batch has not finished"
+        stats = BatchStats(rows=self.rows, tokens=int(self.attention_mask.sum()),
+                           padded_tokens=int(self.attention_mask.numel()), seconds=self.compute_s)
+        return self._vectors, stats

@@ -50,13 +50,12 @@ class KalmEncoder:
         self.encoder.warm_up()
         self.metrics = ReplicaMetrics()
         self.batcher = TokenBudgetBatcher(
-            self.encoder.forward_batch,
+            self.encoder.start_batch,
             dimensions=self.encoder.dimensions,
             max_batch_tokens=self.encoder.max_batch_tokens,
             max_batch_wait_s=cfg.max_batch_wait_ms / 1000,
             max_padding_fraction=cfg.max_padding_fraction,
-            # Off: every input is bulk with no slack, i.e. served in arrival order.
-            bulk_slack_s=cfg.bulk_slack_s if cfg.priority_scheduling else 0.0,
+            interactive_max_share=cfg.interactive_max_share,
             max_queued_tokens=cfg.max_queued_tokens_per_replica,
             on_batch=self._on_batch,
         )
@@ -66,7 +65,7 @@ class KalmEncoder:
 
     async def embed(self, token_ids: list[list[int]], priority: str = "bulk") -> EmbedResult:
         if not self.config.priority_scheduling:
-            priority = "bulk"
+            priority = "bulk"  # one lane: first come, first served
         self.calls += 1
         self.in_flight += 1
         try:

@@ -3,16 +3,22 @@
 Every caller's inputs go into one pending pool. The loop repeatedly forms the next
 batch and runs it on a single model thread while it keeps accepting work:
 
-* **Order: earliest deadline first.** An input's deadline is its arrival time, plus
-  ``bulk_slack_s`` for bulk work. Interactive inputs therefore overtake bulk ones,
-  but bulk work that has waited longer than the slack goes first: nothing starves.
-* **Batch: the head input plus compatible ones.** Pending inputs are added in deadline
+* **Order: two lanes.** Interactive inputs go first, in arrival order, as long as the
+  interactive lane has used less than ``interactive_max_share`` of the recent compute
+  time (a decaying window); past that share bulk work goes first. So a query never
+  waits behind a bulk backlog, however deep, and bulk work still gets at least
+  ``1 - interactive_max_share`` of the device when queries alone could fill it:
+  nothing starves. Within a lane, first come, first served.
+* **Batch: the head input plus compatible ones.** Pending inputs are added in that
   order while the padded cost (longest × rows) fits ``max_batch_tokens`` and padding
   stays under ``max_padding_fraction``: batches are filled with inputs of similar
   length, so a short query rides with other short inputs instead of being padded to
   a passage's length. An input longer than the budget runs alone.
 * **Fill wait.** A batch below the budget waits at most ``max_batch_wait_s`` (from its
   head's arrival) for more work.
+* **Preemption between layers.** A running bulk batch stops at the next layer boundary
+  when interactive work arrives that may go first; it resumes from where it stopped
+  once no interactive work is waiting (or the share says bulk's turn).
 
 Knows nothing of Ray or HTTP; the encoder replicas wrap it.
 """
@@ -26,7 +32,7 @@ import time
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Callable, Iterator, Sequence
+from typing import Callable, Iterator, Protocol, Sequence
 
 import numpy as np
 
@@ -35,9 +41,16 @@ from .errors import OverloadedError
 
 log = logging.getLogger(__name__)
 
-RunBatch = Callable[[list[list[int]]], "tuple[np.ndarray, BatchStats]"]
+class BatchRunner(Protocol):
+    """A forward pass that can stop between layers (``serve_app.encoder.BatchRun``)."""
 
-#: How many pending inputs (in deadline order) are looked at when forming one batch.
+    def run(self, should_yield: Callable[[], bool] | None = None) -> bool: ...
+    def result(self) -> "tuple[np.ndarray, BatchStats]": ...
+
+
+StartBatch = Callable[[list[list[int]]], BatchRunner]
+
+#: How many pending inputs (in lane order) are looked at when forming one batch.
 SCAN_LIMIT = 4096
 
 
@@ -67,8 +80,18 @@ class _Input:
     ids: list[int]
     call: _Call
     index: int
-    deadline: float
+    interactive: bool
     taken: bool = False
+
+
+@dataclass(eq=False)
+class _Job:
+    """A formed batch: its inputs, its lane, and its forward pass."""
+
+    inputs: list[_Input]
+    interactive: bool
+    runner: BatchRunner | None = None  # made on the model thread, when the job first runs
+    last_run_s: float = 0.0  # compute time of its latest stretch on the model thread
 
 
 @dataclass
@@ -81,6 +104,7 @@ class SchedulerStats:
     padded_tokens: int = 0
     busy_s: float = 0.0
     longest_queue_s: float = 0.0
+    preemptions: int = 0
     last_batches: deque = field(default_factory=lambda: deque(maxlen=1024))
 
 
@@ -89,27 +113,34 @@ class TokenBudgetBatcher:
 
     def __init__(
         self,
-        run_batch: RunBatch,
+        start_batch: StartBatch,
         dimensions: int,
         max_batch_tokens: int,
         max_batch_wait_s: float = 0.005,
         max_padding_fraction: float = 0.15,
-        bulk_slack_s: float = 5.0,
+        interactive_max_share: float = 0.5,
+        share_window_s: float = 30.0,
         max_queued_tokens: int = 2_000_000,
         on_batch: Callable[[BatchStats], None] | None = None,
     ):
-        self._run_batch = run_batch
+        self._start_batch = start_batch
         self.dimensions = dimensions
         self.max_batch_tokens = max_batch_tokens
         self.max_batch_wait_s = max_batch_wait_s
         self.max_padding_fraction = max_padding_fraction
-        self.bulk_slack_s = bulk_slack_s
+        self.interactive_max_share = interactive_max_share
+        self.share_window_s = share_window_s
+        self._compute_s = {True: 0.0, False: 0.0}  # decaying compute seconds per lane (True: interactive)
+        self._compute_at = time.monotonic()
         self.max_queued_tokens = max_queued_tokens
         self._on_batch = on_batch
         self._interactive: deque[_Input] = deque()
         self._bulk: deque[_Input] = deque()
         self.queued_tokens = 0
         self.stats = SchedulerStats()
+        self._paused: list[_Job] = []
+        self._running: _Job | None = None
+        self._preempt = False  # read by the model thread between layers
         self._wakeup: asyncio.Event | None = None
         self._loop_task: asyncio.Task | None = None
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="model")
@@ -130,10 +161,11 @@ class TokenBudgetBatcher:
                      asyncio.get_running_loop().create_future(), now)
         interactive = priority == "interactive"
         lane = self._interactive if interactive else self._bulk
-        deadline = now if interactive else now + self.bulk_slack_s
         for i, ids in enumerate(token_ids):
-            lane.append(_Input(list(ids), call, i, deadline))
+            lane.append(_Input(list(ids), call, i, interactive))
         self.queued_tokens += n_tokens
+        if interactive and self._running is not None and not self._running.interactive and self._interactive_turn():
+            self._preempt = True
         self._wakeup.set()
         try:
             await call.future
@@ -171,53 +203,106 @@ class TokenBudgetBatcher:
     async def _run_forever(self) -> None:
         loop = asyncio.get_running_loop()
         while True:
-            batch = await self._next_batch()
-            for item in batch:
-                item.taken = True
-                if item.call.started is None:
-                    item.call.started = time.monotonic()
-                    self.stats.longest_queue_s = max(self.stats.longest_queue_s,
-                                                     item.call.started - item.call.arrived)
-            self.queued_tokens -= sum(len(item.ids) for item in batch)
+            job = await self._next_job()
+            self._running, self._preempt = job, False
             try:
-                vectors, stats = await loop.run_in_executor(self._executor, self._run_batch,
-                                                            [item.ids for item in batch])
+                done = await loop.run_in_executor(self._executor, self._run_job, job)
+                if done:
+                    vectors, stats = job.runner.result()
             except Exception as exc:  # a failed batch fails its callers, never the loop
-                log.exception("batch of %d inputs failed", len(batch))
-                for call in {item.call for item in batch}:
+                log.exception("batch of %d inputs failed", len(job.inputs))
+                for call in {item.call for item in job.inputs}:
                     if not call.future.done():
                         call.future.set_exception(exc)
                 continue
+            finally:
+                self._running = None
+                self._account(job)
+            if not done:
+                self._paused.append(job)
+                self.stats.preemptions += 1
+                continue
             self._record(stats)
-            for item, vector in zip(batch, vectors):
+            for item, vector in zip(job.inputs, vectors):
                 call = item.call
                 call.vectors[item.index] = vector
                 call.remaining -= 1
                 if call.remaining == 0 and not call.future.done():
                     call.future.set_result(None)
-            for call in {item.call for item in batch}:
+            for call in {item.call for item in job.inputs}:
                 call.batches += 1
 
-    async def _next_batch(self) -> list[_Input]:
+    def _run_job(self, job: _Job) -> bool:
+        """On the model thread: start or resume ``job``; False if it stopped to let other work in."""
+        if job.runner is None:
+            job.runner = self._start_batch([item.ids for item in job.inputs])
+        started = time.perf_counter()
+        try:
+            return job.runner.run(self._should_yield)
+        finally:
+            job.last_run_s = time.perf_counter() - started
+
+    def _should_yield(self) -> bool:
+        return self._preempt
+
+    # --- the lanes ------------------------------------------------------------------
+
+    def _account(self, job: _Job) -> None:
+        """Add the job's last stretch of compute to its lane's decaying total."""
+        now = time.monotonic()
+        decay = 0.5 ** ((now - self._compute_at) / self.share_window_s)
+        self._compute_at = now
+        for lane in self._compute_s:
+            self._compute_s[lane] *= decay
+        self._compute_s[job.interactive] += job.last_run_s
+
+    def interactive_share(self) -> float:
+        total = self._compute_s[True] + self._compute_s[False]
+        return self._compute_s[True] / total if total else 0.0
+
+    def _interactive_turn(self) -> bool:
+        """Interactive work may go first: it has used less than its share, or there is no bulk work."""
+        return self.interactive_share() < self.interactive_max_share or not any(self._live(self._bulk))
+
+    def _in_turn_order(self) -> Iterator[_Input]:
+        """Live pending inputs, the lane whose turn it is first, each lane first come first served."""
+        first, second = (self._interactive, self._bulk) if self._interactive_turn() else (self._bulk, self._interactive)
+        return itertools.chain(self._live(first), self._live(second))
+
+    async def _next_job(self) -> _Job:
+        """A paused job when its lane is due, else a new batch."""
         while True:
             self._trim()
-            if not self._interactive and not self._bulk:
+            head = next(self._in_turn_order(), None)
+            if self._paused and (head is None or not head.interactive or self._paused[0].interactive):
+                return self._paused.pop(0)  # paused jobs are bulk, stopped for interactive work
+            if head is None:
                 self._wakeup.clear()
                 await self._wakeup.wait()
                 continue
             batch, cost = self._select()
             wait = batch[0].call.arrived + self.max_batch_wait_s - time.monotonic()
             if cost >= self.max_batch_tokens * 0.9 or wait <= 0:
-                return batch
+                return self._start(batch)
             self._wakeup.clear()
             try:
                 await asyncio.wait_for(self._wakeup.wait(), wait)
             except asyncio.TimeoutError:
                 pass
 
+    def _start(self, batch: list[_Input]) -> _Job:
+        now = time.monotonic()
+        for item in batch:
+            item.taken = True
+            if item.call.started is None:
+                item.call.started = now
+                self.stats.longest_queue_s = max(self.stats.longest_queue_s, now - item.call.arrived)
+        self.queued_tokens -= sum(len(item.ids) for item in batch)
+        return _Job(batch, batch[0].interactive)
+
     def _select(self) -> tuple[list[_Input], int]:
-        """The head input (earliest deadline) and the compatible inputs that fit with it."""
-        candidates = itertools.islice(self._by_deadline(), SCAN_LIMIT)
+        """The head input (first in turn order) and the compatible inputs that fit with it."""
+        candidates = itertools.islice(self._in_turn_order(), SCAN_LIMIT)
         head = next(candidates)
         batch, longest, real = [head], len(head.ids), len(head.ids)
         for item in candidates:
@@ -232,18 +317,6 @@ class TokenBudgetBatcher:
             batch.append(item)
             longest, real = new_longest, real + len(item.ids)
         return batch, longest * len(batch)
-
-    def _by_deadline(self) -> Iterator[_Input]:
-        """Live pending inputs, merged from both lanes in deadline order."""
-        inter, bulk = self._live(self._interactive), self._live(self._bulk)
-        a, b = next(inter, None), next(bulk, None)
-        while a is not None or b is not None:
-            if b is None or (a is not None and a.deadline <= b.deadline):
-                yield a
-                a = next(inter, None)
-            else:
-                yield b
-                b = next(bulk, None)
 
     @staticmethod
     def _live(lane: deque) -> Iterator[_Input]:

@@ -16,25 +16,46 @@ from serve_app.scheduler import TokenBudgetBatcher
 
 
 class FakeModel:
-    """Embeds an input as [len, first id, 0...]; records every batch it runs."""
+    """Embeds an input as [len, first id, 0...] in ``layers`` steps; records every batch it starts.
 
-    def __init__(self, seconds_per_token: float = 0.0, fail_on: int | None = None):
+    ``model.start_batch`` is what the batcher is given, like ``Encoder.start_batch``.
+    """
+
+    def __init__(self, seconds_per_token: float = 0.0, fail_on: int | None = None, layers: int = 4):
         self.batches: list[list[list[int]]] = []
         self.seconds_per_token = seconds_per_token
         self.fail_on = fail_on
+        self.layers = layers
         self.lock = threading.Lock()
 
-    def __call__(self, token_ids):
+    def start_batch(self, token_ids):
         with self.lock:
             self.batches.append(token_ids)
-        if self.fail_on is not None and any(self.fail_on in ids for ids in token_ids):
+        return FakeRun(self, token_ids)
+
+
+class FakeRun:
+    def __init__(self, model: FakeModel, token_ids):
+        self.model, self.token_ids, self.done_layers, self.yields = model, token_ids, 0, 0
+
+    def run(self, should_yield=None) -> bool:
+        if self.model.fail_on is not None and any(self.model.fail_on in ids for ids in self.token_ids):
             raise RuntimeError("boom")
-        padded = max(map(len, token_ids)) * len(token_ids)
-        time.sleep(self.seconds_per_token * padded)
-        out = np.zeros((len(token_ids), 4), np.float32)
-        for i, ids in enumerate(token_ids):
+        padded = max(map(len, self.token_ids)) * len(self.token_ids)
+        while self.done_layers < self.model.layers:
+            time.sleep(self.model.seconds_per_token * padded / self.model.layers)
+            self.done_layers += 1
+            if self.done_layers < self.model.layers and should_yield is not None and should_yield():
+                self.yields += 1
+                return False
+        return True
+
+    def result(self):
+        out = np.zeros((len(self.token_ids), 4), np.float32)
+        for i, ids in enumerate(self.token_ids):
             out[i, :2] = len(ids), ids[0]
-        return out, BatchStats(len(token_ids), sum(map(len, token_ids)), padded, 0.0)
+        padded = max(map(len, self.token_ids)) * len(self.token_ids)
+        return out, BatchStats(len(self.token_ids), sum(map(len, self.token_ids)), padded, 0.0)
 
 
 def inputs(*lengths, first=1):
@@ -56,7 +77,7 @@ def test_plan_batches_fits_budget_and_keeps_long_inputs_alone():
 
 def test_concurrent_callers_share_batches_and_get_their_own_rows():
     model = FakeModel()
-    batcher = TokenBudgetBatcher(model, 4, max_batch_tokens=64, max_batch_wait_s=0.05)
+    batcher = TokenBudgetBatcher(model.start_batch, 4, max_batch_tokens=64, max_batch_wait_s=0.05)
 
     async def main():
         calls = [batcher.embed(inputs(3, 5, first=10 * k), "bulk") for k in range(1, 6)]
@@ -72,7 +93,7 @@ def test_concurrent_callers_share_batches_and_get_their_own_rows():
 
 def test_big_request_is_split_and_over_budget_input_runs_alone():
     model = FakeModel()
-    batcher = TokenBudgetBatcher(model, 4, max_batch_tokens=32, max_batch_wait_s=0)
+    batcher = TokenBudgetBatcher(model.start_batch, 4, max_batch_tokens=32, max_batch_wait_s=0)
     result = run(batcher.embed(inputs(8, 8, 8, 8, 8, 8, 100, 8), "bulk"))
     assert result.vectors[:, 0].tolist() == [8, 8, 8, 8, 8, 8, 100, 8]
     assert [len(b) for b in model.batches if len(b[0]) == 100] == [1]
@@ -81,7 +102,7 @@ def test_big_request_is_split_and_over_budget_input_runs_alone():
 
 def test_padding_stays_under_the_limit_when_lengths_vary():
     model = FakeModel()
-    batcher = TokenBudgetBatcher(model, 4, max_batch_tokens=2048, max_batch_wait_s=0.01, max_padding_fraction=0.1)
+    batcher = TokenBudgetBatcher(model.start_batch, 4, max_batch_tokens=2048, max_batch_wait_s=0.01, max_padding_fraction=0.1)
     rng = np.random.default_rng(0)
     lengths = rng.integers(100, 400, size=200).tolist()
     run(batcher.embed([[1] * n for n in lengths], "bulk"))
@@ -92,7 +113,7 @@ def test_padding_stays_under_the_limit_when_lengths_vary():
 
 def test_interactive_query_overtakes_queued_bulk_work():
     model = FakeModel(seconds_per_token=0.0005)  # 64-token batch ≈ 32 ms
-    batcher = TokenBudgetBatcher(model, 4, max_batch_tokens=64, max_batch_wait_s=0, bulk_slack_s=60)
+    batcher = TokenBudgetBatcher(model.start_batch, 4, max_batch_tokens=64, max_batch_wait_s=0)
     done: list[str] = []
 
     async def tagged(name, coro):
@@ -110,9 +131,10 @@ def test_interactive_query_overtakes_queued_bulk_work():
     assert done.index("query") <= 2  # behind at most the batches already running or chosen
 
 
-def test_bulk_work_older_than_the_slack_goes_before_new_interactive_work():
-    model = FakeModel(seconds_per_token=0.001)
-    batcher = TokenBudgetBatcher(model, 4, max_batch_tokens=32, max_batch_wait_s=0, bulk_slack_s=0.05)
+def test_bulk_work_keeps_its_share_when_queries_could_fill_the_device():
+    model = FakeModel(seconds_per_token=0.0005)
+    batcher = TokenBudgetBatcher(model.start_batch, 4, max_batch_tokens=32, max_batch_wait_s=0,
+                                 interactive_max_share=0.5)
     order: list[str] = []
 
     async def tagged(name, coro):
@@ -120,20 +142,20 @@ def test_bulk_work_older_than_the_slack_goes_before_new_interactive_work():
         order.append(name)
 
     async def main():
-        old_bulk = asyncio.create_task(tagged("old-bulk", batcher.embed(inputs(32, first=1), "bulk")))
-        blocker = asyncio.create_task(tagged("blocker", batcher.embed(inputs(32, first=2), "interactive")))
-        await asyncio.sleep(0.1)  # old bulk is now past its slack
         queries = [asyncio.create_task(tagged(f"q{k}", batcher.embed(inputs(32, first=10 + k), "interactive")))
-                   for k in range(5)]
-        await asyncio.gather(old_bulk, blocker, *queries)
+                   for k in range(12)]
+        await asyncio.sleep(0)
+        bulk = asyncio.create_task(tagged("bulk", batcher.embed(inputs(32, first=1), "bulk")))
+        await asyncio.gather(bulk, *queries)
 
     run(main())
-    assert order.index("old-bulk") < order.index("q0")
+    assert order.index("bulk") <= 2  # not behind all twelve interactive batches
+    assert 0.3 < batcher.interactive_share() < 1.0
 
 
 def test_cancelled_callers_inputs_are_not_computed():
     model = FakeModel(seconds_per_token=0.002)
-    batcher = TokenBudgetBatcher(model, 4, max_batch_tokens=16, max_batch_wait_s=0)
+    batcher = TokenBudgetBatcher(model.start_batch, 4, max_batch_tokens=16, max_batch_wait_s=0)
 
     async def main():
         first = asyncio.create_task(batcher.embed(inputs(16, first=1), "bulk"))
@@ -150,7 +172,7 @@ def test_cancelled_callers_inputs_are_not_computed():
 
 def test_a_failing_batch_fails_its_callers_only():
     model = FakeModel(fail_on=666)
-    batcher = TokenBudgetBatcher(model, 4, max_batch_tokens=8, max_batch_wait_s=0)
+    batcher = TokenBudgetBatcher(model.start_batch, 4, max_batch_tokens=8, max_batch_wait_s=0)
 
     async def main():
         bad = batcher.embed([[666] * 8], "bulk")
@@ -164,7 +186,7 @@ def test_a_failing_batch_fails_its_callers_only():
 
 def test_full_queue_refuses_with_overloaded():
     model = FakeModel(seconds_per_token=0.01)
-    batcher = TokenBudgetBatcher(model, 4, max_batch_tokens=10, max_batch_wait_s=0, max_queued_tokens=100)
+    batcher = TokenBudgetBatcher(model.start_batch, 4, max_batch_tokens=10, max_batch_wait_s=0, max_queued_tokens=100)
 
     async def main():
         first = asyncio.create_task(batcher.embed([[1] * 10] * 9, "bulk"))
@@ -180,7 +202,7 @@ def test_full_queue_refuses_with_overloaded():
 def test_batched_results_equal_direct_encoding(tiny_encoder):
     texts = ["short", "a somewhat longer sentence about embeddings " * 3, "中文文本", "x " * 50]
     ids = [t.ids for t in tiny_encoder.tokenizer.encode_texts(texts)]
-    batcher = TokenBudgetBatcher(tiny_encoder.forward_batch, tiny_encoder.dimensions, max_batch_tokens=128)
+    batcher = TokenBudgetBatcher(tiny_encoder.start_batch, tiny_encoder.dimensions, max_batch_tokens=128)
 
     async def main():
         return await asyncio.gather(*(batcher.embed([i], "bulk") for i in ids), batcher.embed(ids, "interactive"))
@@ -189,3 +211,39 @@ def test_batched_results_equal_direct_encoding(tiny_encoder):
     want = tiny_encoder.embed_token_ids(ids)
     np.testing.assert_allclose(np.concatenate([s.vectors for s in singles]), want, atol=1e-5)
     np.testing.assert_allclose(together.vectors, want, atol=1e-5)
+
+
+def test_long_bulk_batch_pauses_between_layers_for_a_query_and_then_resumes():
+    model = FakeModel(seconds_per_token=0.002, layers=8)  # the bulk batch: 256 tokens ≈ 0.5 s
+    batcher = TokenBudgetBatcher(model.start_batch, 4, max_batch_tokens=256, max_batch_wait_s=0)
+    finished: dict[str, float] = {}
+
+    async def timed(name, coro):
+        result = await coro
+        finished[name] = time.monotonic()
+        return result
+
+    async def main():
+        started = time.monotonic()
+        bulk = asyncio.create_task(timed("bulk", batcher.embed(inputs(128, 128, first=1), "bulk")))
+        await asyncio.sleep(0.1)  # the bulk batch is a few layers in
+        query = await timed("query", batcher.embed(inputs(5, first=900), "interactive"))
+        bulk_result = await bulk
+        return started, query, bulk_result
+
+    started, query, bulk_result = run(main())
+    assert finished["query"] < finished["bulk"]
+    assert finished["query"] - started < 0.3  # did not wait for the whole bulk batch
+    assert batcher.stats.preemptions == 1
+    np.testing.assert_array_equal(bulk_result.vectors[:, :2], [[128, 1], [128, 2]])  # resumed, not redone
+    assert [len(b) for b in model.batches] == [2, 1]
+
+
+def test_stepped_forward_pass_equals_one_piece(tiny_encoder):
+    ids = [t.ids for t in tiny_encoder.tokenizer.encode_texts(["first text", "a second, longer text here"])]
+    runner = tiny_encoder.start_batch(ids)
+    steps = 0
+    while not runner.run(should_yield=lambda: True):  # stop after every layer
+        steps += 1
+    assert steps == tiny_encoder.model.num_layers - 1
+    np.testing.assert_allclose(runner.result()[0], tiny_encoder.forward_batch(ids)[0], atol=1e-6)

@@ -1,0 +1,392 @@
+"""The offline corpus job: formats, bad rows, resume after a kill, bounded memory, parity with the service.
+
+Reading and planning are tested without Ray. The Ray tests share one small cluster
+(2 CPUs, the smallest object store Ray allows) started and stopped here; jobs run
+in this process (``corpus.main``) or, where one must be killed, as ``python -m
+serve_app.corpus`` subprocesses.
+"""
+
+from __future__ import annotations
+
+import csv
+import gzip
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from serve_app import corpus
+from serve_app.checkpoint import KALM_QUERY_INSTRUCTION
+from serve_app.corpus_io import (
+    INDEX_STRIDE, Columns, CorpusError, done_parts, list_inputs, make_plan, read_part, scan_file,
+)
+from tests.service_harness import ROOT, kill_processes_mentioning, ray_auth_env
+
+OBJECT_STORE_BYTES = 80 * 1024 * 1024  # Ray's minimum is 75 MiB
+WORDS = ("ray serve data embedding model query document vector search index corpus token batch actor "
+         "cluster the of and to in is for on with 东京 是 日本 的 首都 Käse schläft über naïve café 🚀").split()
+
+
+def make_texts(n: int, seed: int = 0, words: tuple[int, int] = (3, 25)) -> list[str]:
+    rng = random.Random(seed)
+    return [" ".join(rng.choice(WORDS) for _ in range(rng.randint(*words))) for _ in range(n)]
+
+
+def write_rows(path: Path, fmt: str, rows: list[dict]) -> Path:
+    """Write ``rows`` ({"id", "text"}; text may be None) in one of the input formats."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if fmt == "parquet":
+        pq.write_table(pa.Table.from_pylist(rows), path, row_group_size=700)
+    elif fmt in ("jsonl", "jsonl.gz"):
+        data = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows).encode()
+        path.write_bytes(gzip.compress(data) if fmt.endswith(".gz") else data)
+    elif fmt in ("csv", "tsv"):
+        with open(path, "w", newline="", encoding="utf-8") as f:
+            writer = csv.writer(f, delimiter="\t" if fmt == "tsv" else ",")
+            writer.writerow(["id", "text"])
+            writer.writerows([r["id"], r["text"] or ""] for r in rows)
+    elif fmt == "text":
+        path.write_text("".join(r["text"] + "\n" for r in rows), encoding="utf-8")
+    return path
+
+
+def plan_for(spec: str, rows_per_part: int, **settings):
+    files = list_inputs(spec)
+    settings = {"text_column": "text", "id_column": "id", **settings}
+    scans = [scan_file(f, Columns(settings["text_column"], settings["id_column"])) for f in files]
+    return make_plan(files, scans, settings, rows_per_part, id_column_explicit=False)
+
+
+def read_all(plan):
+    parts = [read_part(plan, p) for p in range(plan.parts)]
+    return ([i for p in parts for i in p.ids], [t for p in parts for t in p.texts], [b for p in parts for b in p.bad])
+
+
+def read_output(out: Path) -> tuple[list, np.ndarray, list[int]]:
+    table = pq.read_table(out)
+    vectors = np.asarray(table.column("embedding").combine_chunks().flatten()).reshape(len(table), -1)
+    return table.column("id").to_pylist(), vectors, table.column("n_tokens").to_pylist()
+
+
+def by_id(ids, vectors) -> dict:
+    return dict(zip(ids, vectors))
+
+
+def bad_rows(out: Path) -> list[dict]:
+    return [json.loads(line) for f in sorted((out / "_bad_rows").glob("*.jsonl")) for line in f.read_text().splitlines()]
+
+
+# --- reading, without Ray -----------------------------------------------------------------
+
+FORMATS = ["parquet", "jsonl", "jsonl.gz", "csv", "tsv", "text"]
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_every_format_reads_every_row_once(tmp_path, fmt):
+    texts = make_texts(2600, seed=1)
+    texts[3] = 'quoted "field", with a comma\nand a newline' if fmt in ("csv", "tsv", "jsonl", "parquet") else texts[3]
+    rows = [{"id": 1000 + i, "text": t} for i, t in enumerate(texts)]
+    path = write_rows(tmp_path / f"in.{fmt}", fmt, rows)
+    plan = plan_for(str(path), rows_per_part=1000)  # parts start off the 1024-row index: exercises the skip
+    ids, got, bad = read_all(plan)
+    assert got == texts and not bad
+    if fmt == "text":
+        assert (plan.id_source, ids) == ("row_number", list(range(len(texts))))
+    else:
+        assert (plan.id_source, plan.id_type, ids) == ("column", "int64", [r["id"] for r in rows])
+    if fmt not in ("parquet",):
+        assert len(plan.files[0].index) == -(-len(texts) // INDEX_STRIDE)
+
+
+def test_folder_and_glob_inputs(tmp_path):
+    write_rows(tmp_path / "in/a.parquet", "parquet", [{"id": i, "text": f"a {i}"} for i in range(3)])
+    write_rows(tmp_path / "in/sub/b.jsonl", "jsonl", [{"id": 10 + i, "text": f"b {i}"} for i in range(4)])
+    write_rows(tmp_path / "in/sub/deeper/c.csv", "csv", [{"id": 20 + i, "text": f"c {i}"} for i in range(2)])
+    (tmp_path / "in/_SUCCESS").write_text("")
+    (tmp_path / "in/.hidden.jsonl").write_text('{"id": 99, "text": "no"}\n')
+    (tmp_path / "in/README.md").write_text("not data")
+    assert [Path(f.uri).name for f in list_inputs(str(tmp_path / "in"))] == ["a.parquet", "b.jsonl", "c.csv"]
+    assert [Path(f.uri).name for f in list_inputs(str(tmp_path / "in/sub/*.jsonl"))] == ["b.jsonl"]
+    assert [Path(f.uri).name for f in list_inputs(str(tmp_path / "in/**/*.csv"))] == ["c.csv"]
+    assert [Path(f.uri).name for f in list_inputs(f"file://{tmp_path}/in/*.parquet")] == ["a.parquet"]
+    ids, texts, _ = read_all(plan_for(str(tmp_path / "in"), rows_per_part=2))  # parts span files
+    assert ids == [0, 1, 2, 10, 11, 12, 13, 20, 21]
+    with pytest.raises(CorpusError, match="format"):
+        list_inputs(str(tmp_path / "in/README.md"))
+    with pytest.raises(CorpusError, match="does not exist"):
+        list_inputs(str(tmp_path / "nope"))
+
+
+def test_ids_come_from_one_place(tmp_path):
+    write_rows(tmp_path / "in/a.jsonl", "jsonl", [{"id": "x", "text": "a"}])
+    write_rows(tmp_path / "in/b.txt", "text", [{"text": "b"}])
+    with pytest.raises(CorpusError, match="some input files have an id column"):
+        plan_for(str(tmp_path / "in"), 10)
+    # integer and string ids mixed: all become strings
+    write_rows(tmp_path / "mixed.jsonl", "jsonl", [{"id": 1, "text": "a"}, {"id": "two", "text": "b"}])
+    plan = plan_for(str(tmp_path / "mixed.jsonl"), 10)
+    assert (plan.id_type, read_all(plan)[0]) == ("string", ["1", "two"])
+
+
+def test_bad_rows_are_found_and_good_rows_kept(tmp_path):
+    (tmp_path / "in").mkdir()
+    (tmp_path / "in/a.jsonl").write_bytes(
+        b'{"id": 0, "text": "good zero"}\n'
+        b'{"id": 1, "text": ""}\n'
+        b'{"id": 2, "text": null}\n'
+        b'{"id": 3}\n'
+        b'{"id": 4, "text": 42}\n'
+        b'{"id": 5, "text": "bad \xff utf8"}\n'
+        b'{not json\n'
+        b'\n'
+        b'[1, 2]\n'
+        b'{"text": "no id"}\n'
+        b'{"id": 10, "text": "good ten"}\n')
+    ids, texts, bad = read_all(plan_for(str(tmp_path / "in/a.jsonl"), 4))
+    assert (ids, texts) == ([0, 10], ["good zero", "good ten"])
+    reasons = {b["row"]: b["reason"] for b in bad}
+    assert reasons[1] == "empty text" and reasons[2] == "null text" and reasons[3] == "no text field 'text'"
+    assert reasons[4].startswith("text is not a string") and reasons[5].startswith("undecodable")
+    assert reasons[6].startswith("invalid JSON") and reasons[7] == "blank line"
+    assert reasons[8].startswith("not a JSON object") and reasons[9] == "no id field 'id'"
+    assert [b["id"] for b in bad[:5]] == [1, 2, 3, 4, None]
+
+    (tmp_path / "b.csv").write_bytes(b'id,text\n1,fine\n2,"two\nlines"\n3\n4,\xfe\xff\n5,\n6,last\n')
+    ids, texts, bad = read_all(plan_for(str(tmp_path / "b.csv"), 100))
+    assert (ids, texts) == ([1, 2, 6], ["fine", "two\nlines", "last"])
+    assert [(b["row"], b["reason"].split(":")[0]) for b in bad] == [
+        (2, "malformed CSV row"), (3, "undecodable"), (4, "empty text")]
+
+    (tmp_path / "c.txt").write_bytes(b"one\n\nthree \xc3\x28\nfour")
+    ids, texts, bad = read_all(plan_for(str(tmp_path / "c.txt"), 100))
+    assert (ids, texts, [b["id"] for b in bad]) == ([0, 3], ["one", "four"], [1, 2])
+
+
+def test_over_long_texts_are_bad_rows_unless_truncated(tiny_encoder):
+    from serve_app.tokenization import TextTokenizer
+
+    tok = TextTokenizer(tiny_encoder.files, max_input_tokens=8)
+    texts = ["short", "this text is certainly longer than eight tokens, by quite a lot", "also short"]
+    got = corpus.tokenize(tok, texts, "", truncate=False)
+    assert got[0][1] is None and got[2][1] is None
+    assert got[1][0] is None and got[1][1].startswith("over-long: ") and "limit of 8 tokens" in got[1][1]
+    assert len(corpus.tokenize(tok, texts, "", truncate=True)[1][0]) == 8
+
+
+# --- the job on Ray -----------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def cluster():
+    """A one-node Ray (2 CPUs, minimum object store) for this module; stopped afterwards."""
+    import ray
+    from ray.cluster_utils import Cluster
+
+    with ray_auth_env():
+        temp_dir = tempfile.mkdtemp(prefix="rc", dir="/tmp")
+        c = Cluster(initialize_head=True, head_node_args={
+            "num_cpus": 2, "object_store_memory": OBJECT_STORE_BYTES, "include_dashboard": False,
+            "temp_dir": temp_dir})
+        try:
+            ray.init(address=c.address)
+            yield c
+        finally:
+            ray.shutdown()
+            c.shutdown()
+            kill_processes_mentioning(temp_dir)
+
+
+def run_job(cluster, model_dir, inp, out, *args) -> dict:
+    code = corpus.main(["--input", str(inp), "--output", str(out), "--model", str(model_dir),
+                        "--address", cluster.address, "--progress-interval", "1", *args])
+    summary = json.loads((Path(out) / "_summary.json").read_text())
+    assert code == 0 and summary["complete"], summary
+    return summary
+
+
+def cli(cluster, model_dir, inp, out, *args) -> list[str]:
+    return [sys.executable, "-m", "serve_app.corpus", "--input", str(inp), "--output", str(out), "--model",
+            str(model_dir), "--address", cluster.address, "--progress-interval", "1", *args]
+
+
+PARITY_TEXTS = ["What is Ray Serve?", "Ray Serve is a scalable model serving library.", "东京是日本的首都。",
+                "Die Katze schläft auf dem Sofa.", " leading and trailing spaces ", "emoji 🚀 and\ttabs",
+                "a much longer document " * 40]
+
+
+@pytest.mark.slow
+def test_same_vectors_offline_online_and_encoder(cluster, tiny_model_dir, tiny_encoder, tmp_path):
+    """Documents, queries (input_type), instructions and Matryoshka dims: job == Encoder.encode == HTTP."""
+    import httpx
+
+    from tests.service_harness import ServeProcess
+
+    inp = write_rows(tmp_path / "docs.jsonl", "jsonl", [{"id": f"d{i}", "text": t} for i, t in enumerate(PARITY_TEXTS)])
+    variants = {  # job arguments -> (Encoder.encode kwargs, HTTP request fields)
+        "documents": ([], {}, {}),
+        "queries-32": (["--input-type", "query", "--dimensions", "32"],
+                        {"instruction": KALM_QUERY_INSTRUCTION, "dimensions": 32}, {"input_type": "query", "dimensions": 32}),
+        "instruction": (["--instruction", "Retrieve semantically similar text"],
+                        {"instruction": "Retrieve semantically similar text"},
+                        {"instruction": "Retrieve semantically similar text"}),
+    }
+    offline = {}
+    for name, (args, kwargs, _) in variants.items():
+        run_job(cluster, tiny_model_dir, inp, tmp_path / name, *args)
+        ids, vectors, n_tokens = read_output(tmp_path / name)
+        got = by_id(ids, vectors)
+        offline[name] = np.stack([got[f"d{i}"] for i in range(len(PARITY_TEXTS))])
+        np.testing.assert_allclose(offline[name], tiny_encoder.encode(PARITY_TEXTS, **kwargs), atol=1e-6)
+    with ServeProcess(tiny_model_dir) as service:
+        for name, (_, _, fields) in variants.items():
+            body = {"model": tiny_model_dir.name, "input": PARITY_TEXTS, **fields}
+            data = httpx.post(service.base_url + "/v1/embeddings", json=body, timeout=120).json()["data"]
+            online = np.array([d["embedding"] for d in sorted(data, key=lambda d: d["index"])], dtype=np.float32)
+            np.testing.assert_allclose(offline[name], online, atol=1e-6, err_msg=name)
+
+
+def test_every_format_end_to_end(cluster, tiny_model_dir, tiny_encoder, tmp_path):
+    """A folder of every id-bearing format, then a glob of plain-text files (row-number ids)."""
+    texts = make_texts(600, seed=2)
+    fmts = ["parquet", "jsonl", "jsonl.gz", "csv", "tsv"]
+    for k, fmt in enumerate(fmts):
+        write_rows(tmp_path / f"in/part{k}.{fmt}", fmt,
+                   [{"id": 1000 * k + i, "text": t} for i, t in enumerate(texts[100 * k: 100 * (k + 1)])])
+    summary = run_job(cluster, tiny_model_dir, tmp_path / "in", tmp_path / "out", "--rows-per-part", "64")
+    assert (summary["corpus_rows"], summary["embedded"], summary["bad"]) == (500, 500, 0)
+    ids, vectors, n_tokens = read_output(tmp_path / "out")
+    expected_ids = [1000 * k + i for k in range(len(fmts)) for i in range(100)]
+    assert sorted(ids) == expected_ids
+    got = by_id(ids, vectors)
+    np.testing.assert_allclose(np.stack([got[i] for i in expected_ids]), tiny_encoder.encode(texts[:500]), atol=1e-6)
+    assert sum(n_tokens) == summary["tokens"] == sum(len(t.ids) for t in tiny_encoder.tokenizer.encode_texts(texts[:500]))
+
+    for k in range(2):
+        write_rows(tmp_path / f"txt/f{k}.txt", "text", [{"text": t} for t in texts[500 + 50 * k: 550 + 50 * k]])
+    run_job(cluster, tiny_model_dir, tmp_path / "txt/*.txt", tmp_path / "out-txt")
+    ids, vectors, _ = read_output(tmp_path / "out-txt")
+    got = by_id(ids, vectors)
+    assert sorted(ids) == list(range(100))
+    np.testing.assert_allclose(np.stack([got[i] for i in range(100)]), tiny_encoder.encode(texts[500:]), atol=1e-6)
+
+
+def test_bad_rows_go_to_a_side_file_and_the_job_carries_on(cluster, tiny_model_dir, tiny_encoder, tmp_path):
+    texts = make_texts(300, seed=3)
+    long_text = "this row is far too long for the limit " * 20
+    rows = [{"id": i, "text": t} for i, t in enumerate(texts)]
+    rows[10]["text"], rows[20]["text"], rows[30]["text"] = "", None, long_text
+    write_rows(tmp_path / "in/a.parquet", "parquet", rows[:150])
+    raw = "".join(json.dumps(r) + "\n" for r in rows[150:]).encode()
+    (tmp_path / "in/b.jsonl").write_bytes(raw.replace(b'{"id": 200,', b'{"id": 200 BROKEN', 1) + b"\xff\xfe\n")
+    summary = run_job(cluster, tiny_model_dir, tmp_path / "in", tmp_path / "out", "--max-tokens", "64",
+                      "--rows-per-part", "50")
+    bad = bad_rows(tmp_path / "out")
+    assert {(b["id"], b["reason"].split(":")[0]) for b in bad} == {
+        (10, "empty text"), (20, "null text"), (30, "over-long"), (None, "invalid JSON"), (None, "undecodable")}
+    assert {b["row"] for b in bad if b["id"] is None} == {50, 150}  # rows of b.jsonl
+    ids, vectors, _ = read_output(tmp_path / "out")
+    good = [i for i in range(300) if i not in (10, 20, 30, 200)]
+    assert sorted(ids) == good
+    assert (summary["embedded"], summary["bad"], summary["corpus_rows"]) == (296, 5, 301)
+    got = by_id(ids, vectors)
+    np.testing.assert_allclose(np.stack([got[i] for i in good]), tiny_encoder.encode([texts[i] for i in good]), atol=1e-6)
+    # the same job again with --truncate would embed the long row: a different job, so it must say so
+    assert corpus.main(["--input", str(tmp_path / "in"), "--output", str(tmp_path / "out"), "--model",
+                        str(tiny_model_dir), "--address", cluster.address, "--max-tokens", "64",
+                        "--rows-per-part", "50", "--truncate"]) == 2
+
+
+@pytest.mark.slow
+def test_resume_after_kill_does_only_what_is_missing(cluster, tiny_model_dir, tmp_path):
+    n, per_part = 30_000, 500
+    texts = make_texts(n, seed=4)
+    write_rows(tmp_path / "in.jsonl", "jsonl", [{"id": f"doc-{i}", "text": t} for i, t in enumerate(texts)])
+    out = tmp_path / "out"
+    cmd = cli(cluster, tiny_model_dir, tmp_path / "in.jsonl", out, "--rows-per-part", str(per_part))
+    with open(tmp_path / "first.log", "wb") as log:
+        proc = subprocess.Popen(cmd, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        deadline = time.monotonic() + 180
+        while len(done_parts(str(out))) < 4 and proc.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.05)
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+    assert proc.returncode == -signal.SIGKILL, (tmp_path / "first.log").read_text()[-3000:]
+    time.sleep(1)  # let tasks of the dead job that were mid-write finish or die
+    before = {p.name: (p.stat().st_ino, p.stat().st_mtime_ns) for p in out.glob("part-*.parquet")}
+    assert 4 <= len(before) < n // per_part, "the kill should land mid-job"
+
+    second = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert second.returncode == 0, second.stdout[-3000:] + second.stderr[-5000:]
+    assert "[corpus] " in second.stderr and "corpus job complete" in second.stdout  # progress + summary
+    summary = json.loads((out / "_summary.json").read_text())
+    assert summary["parts_done_before"] == len(before)
+    assert summary["parts_this_run"] == n // per_part - len(before)
+    assert summary["rows"] == n - per_part * len(before)
+    after = {p.name: (p.stat().st_ino, p.stat().st_mtime_ns) for p in out.glob("part-*.parquet")}
+    assert {k: after[k] for k in before} == before  # nothing done before was redone
+    ids, vectors, _ = read_output(out)
+    assert len(ids) == len(set(ids)) == n and set(ids) == {f"doc-{i}" for i in range(n)}  # no duplicates, no gaps
+    assert not list(out.glob(".tmp-*"))
+
+
+def _store_stats(address: str):
+    from ray._private.internal_api import get_memory_info_reply, get_state_from_address
+
+    return get_memory_info_reply(get_state_from_address(address)).store_stats
+
+
+@pytest.mark.slow
+def test_corpus_larger_than_the_object_store(cluster, tiny_model_dir, tmp_path):
+    n = 36_000
+    texts = make_texts(n, seed=5, words=(3, 12))
+    rng = random.Random(5)
+    path = tmp_path / "big.jsonl"
+    with open(path, "w", encoding="utf-8") as f:  # each row carries a large field the job must stream past
+        for i, t in enumerate(texts):
+            f.write(json.dumps({"id": i, "text": t, "html": "".join(rng.choices("abcdefgh <>/", k=2500))}) + "\n")
+    assert path.stat().st_size > OBJECT_STORE_BYTES + 8 * 1024 * 1024
+    before = _store_stats(cluster.address)
+    summary = run_job(cluster, tiny_model_dir, path, tmp_path / "out", "--rows-per-part", "2000")
+    after = _store_stats(cluster.address)
+    assert summary["embedded"] == n
+    assert after.spilled_bytes_total == before.spilled_bytes_total  # streamed: nothing spilled to disk
+    assert after.object_store_bytes_fallback == 0
+    ids, _, _ = read_output(tmp_path / "out")
+    assert sorted(ids) == list(range(n))
+
+
+def test_resume_refuses_other_settings_or_changed_input(cluster, tiny_model_dir, tmp_path, capsys):
+    inp = write_rows(tmp_path / "in.jsonl", "jsonl", [{"id": i, "text": t} for i, t in enumerate(make_texts(50))])
+    first = run_job(cluster, tiny_model_dir, inp, tmp_path / "out")
+    again = run_job(cluster, tiny_model_dir, inp, tmp_path / "out")  # complete: nothing to do
+    assert (first["parts_this_run"], again["parts_this_run"], again["parts_done_before"]) == (1, 0, 1)
+    base = ["--input", str(inp), "--output", str(tmp_path / "out"), "--model", str(tiny_model_dir),
+            "--address", cluster.address]
+    assert corpus.main(base + ["--dimensions", "32"]) == 2
+    assert "dimensions: was None, now 32" in capsys.readouterr().err
+    with open(inp, "a") as f:
+        f.write('{"id": 50, "text": "one more"}\n')
+    assert corpus.main(base) == 2
+    assert "changed" in capsys.readouterr().err
+
+
+def test_benchmark_mode_compares_with_sentence_transformers(cluster, tiny_model_dir, tmp_path, capsys):
+    inp = write_rows(tmp_path / "in.jsonl", "jsonl", [{"id": i, "text": t} for i, t in enumerate(make_texts(2000))])
+    args = corpus.parse_args(["--input", str(inp), "--model", str(tiny_model_dir), "--address", cluster.address,
+                              "--benchmark"])
+    result = corpus.benchmark(args)
+    out = capsys.readouterr().out
+    assert "sentence-transformers encode" in out and "ratio" in out
+    assert result["texts"] == 2000 and result["tokens"] > 0
+    assert result["corpus_tokens_per_s"] > 0 and result["st_tokens_per_s"] > 0
+    assert result["ratio"] == pytest.approx(result["corpus_tokens_per_s"] / result["st_tokens_per_s"], rel=1e-2)
