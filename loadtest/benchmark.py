@@ -134,13 +134,15 @@ class InProcess:
         self.batcher = TokenBudgetBatcher(encoder.start_batch, encoder.dimensions, encoder.max_batch_tokens,
                                           max_batch_wait_s=max_batch_wait_s,
                                           interactive_max_share=defaults.interactive_max_share)
+        self.results: list[tuple[str, object]] = []  # (request kind, EmbedResult): where the time went
 
     async def call(self, req: Request, priority: str | None = None) -> int:
         tok = self.encoder.tokenizer
         ids = [t.ids for t in await asyncio.to_thread(
             tok.encode_texts, list(req.texts), tok.prompt_for(req.instruction), True)]
         n = sum(map(len, ids))
-        await self.batcher.embed(ids, priority or ("interactive" if n <= self.interactive_max_tokens else "bulk"))
+        result = await self.batcher.embed(ids, priority or ("interactive" if n <= self.interactive_max_tokens else "bulk"))
+        self.results.append((req.kind, result))
         return n
 
     def batch_stats_since(self, before: dict) -> dict:
@@ -363,9 +365,17 @@ async def main(args) -> dict:
         targets = [("in_process", in_process.call)] + ([("served", served.call)] if served else [])
         for name, call in targets:
             for on in (True, False):
+                before, in_process.results = in_process.snapshot(), []
+                preemptions = in_process.batcher.stats.preemptions
                 result = await priority_scenario(call, workload, args.bulk_clients, args.query_interval_s,
                                                  args.priority_duration_s, prioritise=on)
                 result["target"] = name
+                if name == "in_process":
+                    result["batches"] = in_process.batch_stats_since(before)
+                    result["preemptions"] = in_process.batcher.stats.preemptions - preemptions
+                    queries = [r for kind, r in in_process.results if kind == "query"]
+                    result["query_queue"] = percentiles([r.queue_s for r in queries])
+                    result["query_inference"] = percentiles([r.inference_s for r in queries])
                 report["priority"].append(result)
                 print(json.dumps(result), flush=True)
         report["longest_queue_wait_in_process_s"] = round(in_process.batcher.stats.longest_queue_s, 2)

@@ -54,9 +54,18 @@ class IngressMetrics:
 
 
 class ReplicaMetrics:
-    """Per-batch series, recorded by each encoder replica."""
+    """Per-batch series, recorded by each encoder replica.
+
+    Ray exports a histogram's ``_sum`` from bucket midpoints (an approximation), so exact
+    means (rows and tokens per batch, padding share) come from the counters.
+    """
 
     def __init__(self):
+        self.batches = metrics.Counter("kalm_batches", "Forward passes run.")
+        self.batch_inputs = metrics.Counter("kalm_batch_inputs", "Inputs run in forward passes.")
+        self.computed_tokens = metrics.Counter("kalm_computed_tokens", "Tokens computed in forward passes, "
+                                               "padding included.")
+        self.padding_tokens = metrics.Counter("kalm_padding_tokens", "Padding tokens computed.")
         self.batch_rows = metrics.Histogram("kalm_batch_rows", "Inputs per forward pass.", boundaries=ROW_BUCKETS)
         self.batch_tokens = metrics.Histogram("kalm_batch_tokens", "Tokens computed per forward pass, padding "
                                               "included.", boundaries=TOKEN_BUCKETS)
@@ -66,6 +75,11 @@ class ReplicaMetrics:
         self.queued_tokens = metrics.Gauge("kalm_replica_queued_tokens", "Tokens waiting in this replica's queue.")
 
     def record_batch(self, stats: BatchStats) -> None:
+        self.batches.inc()
+        self.batch_inputs.inc(stats.rows)
+        self.computed_tokens.inc(stats.padded_tokens)
+        if stats.padded_tokens > stats.tokens:  # Ray counters refuse an increment of 0
+            self.padding_tokens.inc(stats.padded_tokens - stats.tokens)
         self.batch_rows.observe(stats.rows)
         self.batch_tokens.observe(stats.padded_tokens)
         self.padding.observe(1 - stats.tokens / stats.padded_tokens if stats.padded_tokens else 0.0)

@@ -336,7 +336,10 @@ class TokenBudgetBatcher:
         s.busy_s += stats.seconds
         s.last_batches.append(stats)
         if self._on_batch is not None:
-            self._on_batch(stats)
+            try:
+                self._on_batch(stats)
+            except Exception:  # metrics must never stop the batching loop
+                log.exception("batch observer failed")
 
     def close(self) -> None:
         if self._loop_task is not None:

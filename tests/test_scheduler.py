@@ -247,3 +247,19 @@ def test_stepped_forward_pass_equals_one_piece(tiny_encoder):
         steps += 1
     assert steps == tiny_encoder.model.num_layers - 1
     np.testing.assert_allclose(runner.result()[0], tiny_encoder.forward_batch(ids)[0], atol=1e-6)
+
+
+def test_a_failing_batch_observer_does_not_stop_the_loop():
+    def broken_observer(stats):
+        raise ValueError("metrics backend refused the value")
+
+    batcher = TokenBudgetBatcher(FakeModel().start_batch, 4, max_batch_tokens=8, max_batch_wait_s=0,
+                                 on_batch=broken_observer)
+
+    async def main():
+        first = await batcher.embed([[1] * 8], "bulk")
+        second = await asyncio.wait_for(batcher.embed([[2] * 8], "bulk"), timeout=5)
+        return first, second
+
+    first, second = run(main())
+    assert first.vectors[0, 1] == 1 and second.vectors[0, 1] == 2
