@@ -17,7 +17,8 @@ import numpy as np
 import orjson
 from fastapi import FastAPI, Request
 from ray import serve
-from ray.exceptions import ActorDiedError, ActorUnavailableError, RayActorError
+from ray.exceptions import (ActorDiedError, ActorUnavailableError, NodeDiedError, ObjectLostError, RayActorError,
+                            WorkerCrashedError)
 from ray.serve.exceptions import BackPressureError
 from ray.serve.handle import DeploymentHandle
 from starlette.responses import Response
@@ -38,9 +39,14 @@ log = logging.getLogger("ray.serve")
 
 app = FastAPI(title="KaLM embeddings", docs_url=None, redoc_url=None)
 
-#: Replica failures that are safe to retry elsewhere: embedding is idempotent.
-RETRYABLE = (ActorDiedError, ActorUnavailableError, RayActorError)
-MAX_ATTEMPTS = 3
+#: Replica failures that are safe to retry elsewhere: embedding is idempotent. A replica
+#: process that dies mid-call, or the node under it, gives ActorDiedError; an unreachable
+#: one ActorUnavailableError (both RayActorError); a finished result that lived in the object
+#: store of a node that is gone, ObjectLostError.
+RETRYABLE = (ActorDiedError, ActorUnavailableError, RayActorError, ObjectLostError, WorkerCrashedError,
+             NodeDiedError)
+MAX_ATTEMPTS = 5
+RETRY_BACKOFF_S = 0.1  # before attempt 2; doubled for each further one (the request timeout bounds it all)
 
 
 def api_keys_from_env() -> list[str]:
@@ -177,6 +183,8 @@ class EmbeddingsIngress:
                 if attempt == MAX_ATTEMPTS:
                     raise
                 log.warning("encoder replica lost (%s); retrying chunk, attempt %d", type(exc).__name__, attempt + 1)
+                # Serve's router drops a dead replica at once; the pause covers an unreachable one.
+                await asyncio.sleep(RETRY_BACKOFF_S * 2 ** (attempt - 1))
 
     # --- checks -----------------------------------------------------------------------
 

@@ -13,6 +13,7 @@ import time
 import torch
 from ray import serve
 
+from .autoscaling import BACKLOG_METRIC
 from .config import ServiceConfig
 from .encoder import Encoder
 from .logs import route_core_logs_to_serve
@@ -61,17 +62,21 @@ class KalmEncoder:
         )
         self.calls = 0  # embed calls received (one per chunk of a request)
         self.in_flight = 0  # embed calls inside this replica now (what Serve counts as its ongoing requests)
+        self.in_flight_tokens = 0  # their tokens: what the autoscaling policy scales on
         log.info("encoder replica ready in %.1fs", time.perf_counter() - started)
 
     async def embed(self, token_ids: list[list[int]], priority: str = "bulk") -> EmbedResult:
         if not self.config.priority_scheduling:
             priority = "bulk"  # one lane: first come, first served
+        n_tokens = sum(len(ids) for ids in token_ids)
         self.calls += 1
         self.in_flight += 1
+        self.in_flight_tokens += n_tokens
         try:
             return await self.batcher.embed(token_ids, priority)
         finally:
             self.in_flight -= 1
+            self.in_flight_tokens -= n_tokens
 
     def _on_batch(self, stats) -> None:
         self.metrics.record_batch(stats)
@@ -81,6 +86,10 @@ class KalmEncoder:
         return {"device": str(self.encoder.device), "dtype": str(self.encoder.dtype),
                 "max_batch_tokens": self.encoder.max_batch_tokens}
 
+    def record_autoscaling_stats(self) -> dict[str, float]:
+        """Serve samples this for the autoscaling policy (serve_app.autoscaling): work held, in forward passes."""
+        return {BACKLOG_METRIC: self.in_flight_tokens / self.encoder.max_batch_tokens}
+
     def stats(self) -> dict:
         """Scheduler counters since start (benchmarks read these), and which replica answered."""
         import ray
@@ -89,6 +98,7 @@ class KalmEncoder:
         return {"batches": s.batches, "rows": s.rows, "tokens": s.tokens, "padded_tokens": s.padded_tokens,
                 "busy_s": s.busy_s, "longest_queue_s": s.longest_queue_s, "queued_tokens": self.batcher.queued_tokens,
                 "torch_threads": torch.get_num_threads(), "calls": self.calls, "in_flight": self.in_flight,
+                "in_flight_tokens": self.in_flight_tokens,
                 "replica": serve.get_replica_context().replica_id.unique_id,
                 "node_id": ray.get_runtime_context().get_node_id(), "pid": os.getpid()}
 

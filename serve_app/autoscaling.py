@@ -1,0 +1,87 @@
+"""Autoscaling the encoder on the work it holds (tokens), not only on how many calls it holds.
+
+Serve's default policy scales on ongoing requests per replica: here, chunk calls from the
+ingress, queued or running. For batched work a call is anything from one 10-token query
+to an 8,192-token chunk, so the same count means very different loads. Measured on one CPU
+replica (tiny stand-in, ``max_batch_tokens`` 512; README "Scaling out"): 32 query clients
+kept 7.2 calls in the replica, 70% busy, holding 0.1 forward passes of work (their latency
+came from the HTTP side, which more encoder replicas don't help); 2 document clients kept
+1.8 calls in it, 90% busy, holding 28 forward passes (p50 277 ms). Serve's default
+(target 2) would add replicas for the first and none for the second.
+
+So each replica reports its backlog in forward passes (``KalmEncoder.record_autoscaling_stats``:
+tokens of the calls it holds / ``max_batch_tokens``), and the policy wants::
+
+    by_tokens   = backlog / target_batches_per_replica, at most the calls in flight
+                  (a chunk runs on one replica: more replicas than chunks can't help)
+    by_requests = ongoing requests / target_ongoing_requests   (Serve's own signal: a replica
+                  full of tiny queries runs out of concurrency slots before it runs out of compute)
+    desired     = max(by_tokens, by_requests)
+
+Calls still waiting in the ingress's queue (all replicas at ``max_ongoing_requests``) count with
+the mean backlog of the running ones. Serve applies ``min_replicas``/``max_replicas``, the
+up/down delays and factors around the returned number, as for its default policy.
+
+Kept free of torch and the rest of the package: Serve pickles this module into its controller.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from typing import Any
+
+log = logging.getLogger("ray.serve")
+
+#: Name of the per-replica custom autoscaling metric (forward passes of work held by the replica).
+BACKLOG_METRIC = "backlog_batches"
+
+
+class TokenBacklogPolicy:
+    """Serve autoscaling policy for the encoder deployment (see the module docstring).
+
+    In the Serve config::
+
+        autoscaling_config:
+          target_ongoing_requests: 128
+          policy:
+            policy_function: serve_app.autoscaling:TokenBacklogPolicy
+            policy_kwargs: {target_batches_per_replica: 4}
+    """
+
+    def __init__(self, target_batches_per_replica: float = 4.0):
+        if not target_batches_per_replica > 0:
+            raise ValueError("target_batches_per_replica must be > 0")
+        self.target_batches = float(target_batches_per_replica)
+        self._last_logged: int | None = None
+
+    def __call__(self, ctx) -> tuple[float, dict[str, Any]]:
+        replicas = ctx.current_num_replicas
+        if replicas == 0:  # nothing running reports anything; Serve's cold-start path handles 0 -> n
+            return ctx.target_num_replicas, {}
+        desired, state = self.desired_replicas(
+            requests=float(ctx.total_num_requests or 0.0),
+            queued=float(ctx.total_queued_requests or 0.0),
+            backlog=float(sum((ctx.aggregated_metrics or {}).get(BACKLOG_METRIC, {}).values())),
+            target_ongoing_requests=float(ctx.config.get_target_ongoing_requests()),
+        )
+        bounds = ctx.capacity_adjusted_min_replicas, ctx.capacity_adjusted_max_replicas
+        wanted = min(max(math.ceil(desired - 1e-9), bounds[0]), bounds[1])
+        if wanted != self._last_logged and wanted != replicas:
+            log.info("autoscaling %s: %d replica(s) running, backlog %.1f batches, %.1f requests "
+                     "(%.1f queued) -> wants %.2f, i.e. %d within [%d, %d]", ctx.deployment_name, replicas,
+                     state["backlog_batches"], state["requests"], state["queued_requests"], desired, wanted, *bounds)
+        self._last_logged = wanted
+        return desired, state
+
+    def desired_replicas(self, requests: float, queued: float, backlog: float,
+                         target_ongoing_requests: float) -> tuple[float, dict[str, float]]:
+        """The number of replicas wanted (before Serve's bounds and delays); pure, for tests."""
+        running = max(requests - queued, 0.0)
+        if queued > 0 and running > 0:
+            backlog += queued * backlog / running
+        by_tokens = min(backlog / self.target_batches, requests)
+        by_requests = requests / target_ongoing_requests
+        desired = max(by_tokens, by_requests)
+        return desired, {"backlog_batches": backlog, "requests": requests, "queued_requests": queued,
+                         "by_tokens": by_tokens, "by_requests": by_requests}
