@@ -7,10 +7,11 @@
 The pipeline, one Ray Data dataset, streaming (memory is bounded by a few parts in flight)::
 
     parts (fixed row ranges, the ones without output yet)
-      ─► read + tokenise          CPU tasks     (corpus_io.read_part, Encoder's TextTokenizer)
+      ─► read + tokenise          CPU tasks on GPU clusters; inside the actors on CPU-only ones
+                                  (corpus_io.read_part, the Encoder's TextTokenizer)
       ─► EmbedParts actors        1 GPU each, or reserved CPUs; autoscaling pool
                                   (Encoder.embed_token_ids: the service's token-budget batching)
-      ─► write                    CPU tasks     part-XXXXXXXX.parquet, atomically
+      ─► write                    0-CPU tasks   part-XXXXXXXX.parquet, atomically
       ─► one summary row per part back to this process (progress, summary)
 
 Prompts follow the HTTP API exactly (``--instruction`` / ``--input-type`` are its
@@ -45,7 +46,9 @@ from .errors import InputTooLongError, KalmServeError
 
 log = logging.getLogger("serve_app.corpus")
 
-DEFAULT_ROWS_PER_PART = 10_000
+#: Rows per part: at most this many, at least MIN_ROWS_PER_PART, else enough parts for 4 per encoder actor.
+MAX_ROWS_PER_PART = 10_000
+MIN_ROWS_PER_PART = 100
 MAX_CPUS_PER_ACTOR = 8
 
 
@@ -262,7 +265,6 @@ class Progress:
     embedded: int = 0
     bad: int = 0
     tokens: int = 0
-    embed_s: float = 0.0
     first_ready_at: float | None = None  # wall clock when the first encoder actor had its model loaded
     _last: float = 0.0
 
@@ -273,7 +275,6 @@ class Progress:
             self.embedded += row["embedded"]
             self.bad += row["bad"]
             self.tokens += row["tokens"]
-            self.embed_s += row["embed_s"]
             self.first_ready_at = min(self.first_ready_at or row["ready_at"], row["ready_at"])
         now = time.perf_counter()
         if now - self._last >= self.interval:
@@ -294,6 +295,11 @@ class Progress:
 def _clock(seconds: float) -> str:
     seconds = int(round(seconds))
     return f"{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}"
+
+
+def default_rows_per_part(rows: int, max_actors: int) -> int:
+    """Big parts (fewer files, little per-part overhead), but enough to keep every actor busy."""
+    return min(MAX_ROWS_PER_PART, max(MIN_ROWS_PER_PART, -(-rows // (4 * max_actors))))
 
 
 def _resolve_model(name: str | None) -> str:
@@ -359,7 +365,7 @@ def run(args: argparse.Namespace) -> dict:
         model=model, prompt=_prompt(tokenizer, args.instruction, args.input_type), dimensions=args.dimensions,
         max_tokens=tokenizer.max_input_tokens, truncate=args.truncate, text_column=args.text_column,
         id_column=args.id_column or "id", format=args.format,
-        rows_per_part=args.rows_per_part or DEFAULT_ROWS_PER_PART,
+        rows_per_part=args.rows_per_part or MAX_ROWS_PER_PART,  # without --rows-per-part: decided when planning
     )
     out_uri = absolute_uri(args.output)
     inputs = list_inputs(absolute_uri(args.input), args.format)
@@ -384,6 +390,9 @@ def run(args: argparse.Namespace) -> dict:
             scan = ray.remote(num_cpus=1)(scan_file)
             plan_started = time.perf_counter()
             scans = ray.get([scan.remote(f, cols) for f in inputs])
+            if args.rows_per_part is None:
+                max_actors = _actor_options(args.device, args.tokenize_in, args.cpus_per_actor, args.max_actors)[1]
+                settings.rows_per_part = default_rows_per_part(sum(s.rows for s in scans), max_actors)
             plan = make_plan(inputs, scans, settings.as_dict(), settings.rows_per_part, args.id_column is not None)
             write_json(join(out_uri, MANIFEST), plan.to_json())
             log.info("planned %d input file(s), %d rows, %d parts of <= %d rows, ids from %s (%s), in %.1fs",
@@ -402,8 +411,7 @@ def run(args: argparse.Namespace) -> dict:
         if pending:
             pipeline_started = time.perf_counter()
             dataset = _pipeline(plan, pending, settings, args, out_uri, settings.dimensions or files.hidden_size)
-            for summary in dataset.iter_batches(
-                    batch_size=None, batch_format="pyarrow"):
+            for summary in dataset.iter_batches(batch_size=None, batch_format="pyarrow"):
                 progress.update(summary)
             pipeline_s = time.perf_counter() - pipeline_started
             steady_s = time.time() - progress.first_ready_at
@@ -510,9 +518,11 @@ def benchmark(args: argparse.Namespace) -> dict:
 
     from sentence_transformers import SentenceTransformer
 
+    from .encoder import parse_dtype
+
     device = args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
-    model_kwargs = {"dtype": torch.bfloat16} if device == "cuda" and args.dtype in ("auto", "bf16", "bfloat16") else {}
-    st = SentenceTransformer(plan.settings["model"], device=device, model_kwargs=model_kwargs)
+    dtype = parse_dtype(args.dtype, torch.device(device))  # the encoders' dtype; ST would follow config.json
+    st = SentenceTransformer(plan.settings["model"], device=device, model_kwargs={"dtype": dtype})
     prompt = plan.settings["prompt"] or None
     st.encode(texts[:64], prompt=prompt, batch_size=args.st_batch_size)  # warm-up
     started = time.perf_counter()
@@ -520,7 +530,8 @@ def benchmark(args: argparse.Namespace) -> dict:
     st_s = time.perf_counter() - started
     st_tps = job["tokens"] / st_s
     result = {
-        "texts": len(texts), "tokens": job["tokens"], "device": device, "torch_threads": torch.get_num_threads(),
+        "texts": len(texts), "tokens": job["tokens"], "device": device, "dtype": str(dtype).removeprefix("torch."),
+        "torch_threads": torch.get_num_threads(),
         "st_s": round(st_s, 3), "st_tokens_per_s": round(st_tps, 1), "st_batch_size": args.st_batch_size,
         **{f"corpus_{k}": job[k] for k in ("steady_s", "pipeline_s", "wall_s", "tokens_per_s_steady",
                                            "tokens_per_s", "tokens_per_s_wall")},
@@ -535,7 +546,8 @@ def benchmark(args: argparse.Namespace) -> dict:
         ("corpus job, whole pipeline", job["tokens_per_s"], job["pipeline_s"], result["ratio_pipeline"]),
         ("corpus job, whole command", job["tokens_per_s_wall"], job["wall_s"], result["ratio_wall"]),
     ]
-    print(f"benchmark: {len(texts):,} texts, {job['tokens']:,} tokens, same model directory, device {device}\n"
+    print(f"benchmark: {len(texts):,} texts, {job['tokens']:,} tokens, same model directory, {device}, "
+          f"{result['dtype']} on both sides\n"
           f"  sentence-transformers encode (model loaded)  {st_tps:>10,.0f} tokens/s  {st_s:7.1f} s   "
           f"(batch_size={args.st_batch_size}, {torch.get_num_threads()} torch threads)", flush=True)
     for name, tps, seconds, ratio in rows:
@@ -568,8 +580,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--max-tokens", type=int, help="most tokens per text (default and ceiling: the model's limit)")
     p.add_argument("--truncate", action="store_true", help="cut over-long texts instead of listing them as bad rows")
     p.add_argument("--rows-per-part", type=int,
-                   help=f"rows per output file, the unit of resumption (default {DEFAULT_ROWS_PER_PART:,}; "
-                        f"a resumed job keeps its own)")
+                   help=f"rows per output file, the unit of resumption (default: 4 parts per encoder actor, "
+                        f"{MIN_ROWS_PER_PART:,} to {MAX_ROWS_PER_PART:,} rows; a resumed job keeps its own)")
     run_ = p.add_argument_group("where it runs")
     run_.add_argument("--address", help="Ray cluster to use (default: $RAY_ADDRESS, else a local Ray)")
     run_.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto",

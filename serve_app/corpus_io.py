@@ -20,12 +20,14 @@ from __future__ import annotations
 
 import csv
 import fnmatch
+import functools
 import io
 import json
 import os
 import re
 import sys
 import uuid
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from typing import Any, Iterator
 
@@ -39,6 +41,7 @@ BAD_ROWS_DIR = "_bad_rows"
 SUMMARY = "_summary.json"
 TMP_PREFIX = ".tmp-"
 PART_RE = re.compile(r"^part-(\d{8})\.parquet$")
+BAD_RE = re.compile(r"^part-(\d{8})\.jsonl$")
 MANIFEST_VERSION = 1
 
 #: Byte offset of every INDEX_STRIDE-th row is kept, so reading a part skips < this many rows.
@@ -70,6 +73,15 @@ def resolve(uri: str) -> tuple[pafs.FileSystem, str]:
     """A filesystem and path for a local path or any URI pyarrow understands (s3://, gs://, ...)."""
     if "://" not in uri:
         return pafs.LocalFileSystem(), os.path.abspath(os.path.expanduser(uri))
+    parent, _, name = uri.rstrip("/").rpartition("/")
+    if parent.endswith("/") or "://" not in parent or not name:  # a bucket or filesystem root
+        return pafs.FileSystem.from_uri(uri)
+    fs, path = _from_uri(parent)  # one filesystem object per folder, not per file
+    return fs, f"{path.rstrip('/')}/{name}"
+
+
+@functools.lru_cache(maxsize=64)
+def _from_uri(uri: str) -> tuple[pafs.FileSystem, str]:
     return pafs.FileSystem.from_uri(uri)
 
 
@@ -110,11 +122,15 @@ def format_of(path: str, forced: str | None = None) -> str | None:
 
 
 def _glob_match(parts: list[str], pattern: list[str]) -> bool:
+    """Shell-like: ``*`` stays within a folder, ``**`` crosses folders, hidden names need an explicit pattern."""
     if not pattern:
         return not parts
     if pattern[0] == "**":
-        return any(_glob_match(parts[i:], pattern[1:]) for i in range(len(parts) + 1))
-    return bool(parts) and fnmatch.fnmatchcase(parts[0], pattern[0]) and _glob_match(parts[1:], pattern[1:])
+        return any(_glob_match(parts[i:], pattern[1:]) for i in range(len(parts) + 1)
+                   if not any(_hidden(p) for p in parts[:i]))
+    if not parts or (_hidden(parts[0]) and not pattern[0].startswith(parts[0][0])):
+        return False
+    return fnmatch.fnmatchcase(parts[0], pattern[0]) and _glob_match(parts[1:], pattern[1:])
 
 
 def _hidden(rel: str) -> bool:
@@ -134,7 +150,8 @@ def list_inputs(spec: str, forced_format: str | None = None) -> list[InputFile]:
         static = next(i for i, p in enumerate(parts) if any(c in p for c in "*?["))
         base = "/".join(parts[:static]) or "/"
         pattern = parts[static:]
-        infos = fs.get_file_info(pafs.FileSelector(base, recursive=True, allow_not_found=True))
+        recursive = len(pattern) > 1 or "**" in pattern
+        infos = fs.get_file_info(pafs.FileSelector(base, recursive=recursive, allow_not_found=True))
         infos = [i for i in infos if i.type == pafs.FileType.File
                  and _glob_match(i.path[len(base):].strip("/").split("/"), pattern)]
         explicit = False
@@ -603,20 +620,24 @@ def bad_rows_name(part: int) -> str:
     return f"{BAD_ROWS_DIR}/part-{part:08d}.jsonl"
 
 
+#: Where an object appears only once its upload completed (so a direct write is atomic).
+OBJECT_STORES = ("s3", "gcs", "abfs")
+
+
 def write_atomically(uri: str, data: bytes) -> None:
-    """Readers see the whole file or none: temp name + rename locally; object stores
-    (s3://, gs://, ...) only show an object once its upload has completed."""
+    """Readers see the whole file or none: object stores (s3://, gs://, abfs://) show an object
+    only once its upload completed; on filesystems we write a temp name and rename it."""
     fs, path = resolve(uri)
-    parent, name = path.rsplit("/", 1)
-    if isinstance(fs, pafs.LocalFileSystem):
-        fs.create_dir(parent, recursive=True)
-        tmp = f"{parent}/{TMP_PREFIX}{uuid.uuid4().hex}-{name}"
-        with fs.open_output_stream(tmp) as out:
-            out.write(data)
-        os.replace(tmp, path)
-    else:
+    if fs.type_name in OBJECT_STORES:
         with fs.open_output_stream(path) as out:
             out.write(data)
+        return
+    parent, name = path.rsplit("/", 1)
+    fs.create_dir(parent, recursive=True)
+    tmp = f"{parent}/{TMP_PREFIX}{uuid.uuid4().hex}-{name}"
+    with fs.open_output_stream(tmp) as out:
+        out.write(data)
+    fs.move(tmp, path)
 
 
 def read_json(uri: str) -> dict | None:
@@ -650,14 +671,21 @@ def done_parts(out_uri: str) -> set[int]:
 def output_counts(out_uri: str) -> tuple[dict[int, int], dict[int, int]]:
     """Rows in each part file (from Parquet footers) and bad rows per part."""
     fs, path = resolve(out_uri)
-    good, bad = {}, {}
-    for info in fs.get_file_info(pafs.FileSelector(path, allow_not_found=True)):
-        if m := PART_RE.match(info.base_name):
-            with fs.open_input_file(info.path) as handle:
-                good[int(m.group(1))] = pq.ParquetFile(handle).metadata.num_rows
-    for info in fs.get_file_info(pafs.FileSelector(f"{path}/{BAD_ROWS_DIR}", allow_not_found=True)):
-        m = re.match(r"^part-(\d{8})\.jsonl$", info.base_name)
-        if m:
-            with fs.open_input_stream(info.path) as f:
-                bad[int(m.group(1))] = f.read().count(b"\n")
+
+    def rows(file: str) -> int:
+        if file.endswith(".parquet"):
+            with fs.open_input_file(file) as handle:
+                return pq.ParquetFile(handle).metadata.num_rows
+        with fs.open_input_stream(file) as f:
+            return f.read().count(b"\n")
+
+    found = {}  # path -> part
+    for folder, pattern in ((path, PART_RE), (f"{path}/{BAD_ROWS_DIR}", BAD_RE)):
+        for info in fs.get_file_info(pafs.FileSelector(folder, allow_not_found=True)):
+            if m := pattern.match(info.base_name):
+                found[info.path] = int(m.group(1))
+    with ThreadPoolExecutor(16) as pool:  # object stores: one request per file, so many at once
+        counts = dict(zip(found, pool.map(rows, found)))
+    good = {part: counts[f] for f, part in found.items() if f.endswith(".parquet")}
+    bad = {part: counts[f] for f, part in found.items() if f.endswith(".jsonl")}
     return good, bad

@@ -114,6 +114,7 @@ def test_folder_and_glob_inputs(tmp_path):
     write_rows(tmp_path / "in/sub/deeper/c.csv", "csv", [{"id": 20 + i, "text": f"c {i}"} for i in range(2)])
     (tmp_path / "in/_SUCCESS").write_text("")
     (tmp_path / "in/.hidden.jsonl").write_text('{"id": 99, "text": "no"}\n')
+    (tmp_path / "in/sub/.hidden.jsonl").write_text('{"id": 98, "text": "no"}\n')
     (tmp_path / "in/README.md").write_text("not data")
     assert [Path(f.uri).name for f in list_inputs(str(tmp_path / "in"))] == ["a.parquet", "b.jsonl", "c.csv"]
     assert [Path(f.uri).name for f in list_inputs(str(tmp_path / "in/sub/*.jsonl"))] == ["b.jsonl"]
@@ -125,6 +126,28 @@ def test_folder_and_glob_inputs(tmp_path):
         list_inputs(str(tmp_path / "in/README.md"))
     with pytest.raises(CorpusError, match="does not exist"):
         list_inputs(str(tmp_path / "nope"))
+
+
+def test_uri_inputs_and_outputs(monkeypatch):
+    """Inputs and outputs behind a URI (s3://, gs://, ...): here pyarrow's in-memory mock filesystem."""
+    import pyarrow.fs as pafs
+
+    from serve_app import corpus_io
+
+    fs = pafs._MockFileSystem()
+    monkeypatch.setattr(corpus_io, "_from_uri", lambda uri: (fs, uri.split("://", 1)[1].strip("/")))
+    fs.create_dir("bucket/in/sub")
+    for name, first in (("bucket/in/a.jsonl", 0), ("bucket/in/sub/b.jsonl", 3)):
+        with fs.open_output_stream(name) as f:
+            f.write("".join(json.dumps({"id": first + i, "text": f"t{first + i}"}) + "\n" for i in range(3)).encode())
+    files = list_inputs("mock:///bucket/in")
+    assert [f.uri for f in files] == ["mock:///bucket/in/a.jsonl", "mock:///bucket/in/sub/b.jsonl"]
+    plan = plan_for("mock:///bucket/in", rows_per_part=4)
+    assert read_all(plan)[:2] == ([0, 1, 2, 3, 4, 5], [f"t{i}" for i in range(6)])
+    corpus_io.write_atomically("mock:///bucket/out/part-00000001.parquet", pa.BufferOutputStream().getvalue())
+    corpus_io.write_json("mock:///bucket/out/_corpus.json", plan.to_json())
+    assert corpus_io.done_parts("mock:///bucket/out") == {1}
+    assert corpus_io.Plan.from_json(corpus_io.read_json("mock:///bucket/out/_corpus.json")).rows == 6
 
 
 def test_ids_come_from_one_place(tmp_path):
@@ -170,6 +193,12 @@ def test_bad_rows_are_found_and_good_rows_kept(tmp_path):
     (tmp_path / "c.txt").write_bytes(b"one\n\nthree \xc3\x28\nfour")
     ids, texts, bad = read_all(plan_for(str(tmp_path / "c.txt"), 100))
     assert (ids, texts, [b["id"] for b in bad]) == ([0, 3], ["one", "four"], [1, 2])
+
+
+def test_default_part_size_keeps_every_actor_busy():
+    assert corpus.default_rows_per_part(10_000_000, 8) == 10_000  # big corpora: big parts
+    assert corpus.default_rows_per_part(1_000, 2) == 125  # 4 parts per actor
+    assert corpus.default_rows_per_part(50, 2) == 100  # never tiny parts
 
 
 def test_over_long_texts_are_bad_rows_unless_truncated(tiny_encoder):
@@ -226,30 +255,28 @@ PARITY_TEXTS = ["What is Ray Serve?", "Ray Serve is a scalable model serving lib
 
 @pytest.mark.slow
 def test_same_vectors_offline_online_and_encoder(cluster, tiny_model_dir, tiny_encoder, tmp_path):
-    """Documents, and queries (input_type) at Matryoshka dims: job == Encoder.encode == HTTP."""
+    """Queries (input_type, the model's query prompt) at 32 Matryoshka dims: job == Encoder.encode == HTTP.
+
+    Documents (no prompt) and --instruction are checked against Encoder.encode in the
+    format and bad-row tests; test_service checks Encoder.encode == HTTP for those.
+    """
     import httpx
 
     from tests.service_harness import ServeProcess
 
-    inp = write_rows(tmp_path / "docs.jsonl", "jsonl", [{"id": f"d{i}", "text": t} for i, t in enumerate(PARITY_TEXTS)])
-    variants = {  # job arguments -> (Encoder.encode kwargs, HTTP request fields); --instruction: bad-rows test
-        "documents": ([], {}, {}),
-        "queries-32": (["--input-type", "query", "--dimensions", "32"],
-                       {"instruction": KALM_QUERY_INSTRUCTION, "dimensions": 32}, {"input_type": "query", "dimensions": 32}),
-    }
-    offline = {}
-    for name, (args, kwargs, _) in variants.items():
-        run_job(cluster, tiny_model_dir, inp, tmp_path / name, *args)
-        ids, vectors, n_tokens = read_output(tmp_path / name)
-        got = by_id(ids, vectors)
-        offline[name] = np.stack([got[f"d{i}"] for i in range(len(PARITY_TEXTS))])
-        np.testing.assert_allclose(offline[name], tiny_encoder.encode(PARITY_TEXTS, **kwargs), atol=1e-6)
+    inp = write_rows(tmp_path / "q.jsonl", "jsonl", [{"id": f"q{i}", "text": t} for i, t in enumerate(PARITY_TEXTS)])
+    run_job(cluster, tiny_model_dir, inp, tmp_path / "out", "--input-type", "query", "--dimensions", "32")
+    ids, vectors, n_tokens = read_output(tmp_path / "out")
+    got = by_id(ids, vectors)
+    offline = np.stack([got[f"q{i}"] for i in range(len(PARITY_TEXTS))])
+    assert offline.shape == (len(PARITY_TEXTS), 32)
+    np.testing.assert_allclose(offline, tiny_encoder.encode(PARITY_TEXTS, KALM_QUERY_INSTRUCTION, 32), atol=1e-6)
     with ServeProcess(tiny_model_dir) as service:
-        for name, (_, _, fields) in variants.items():
-            body = {"model": tiny_model_dir.name, "input": PARITY_TEXTS, **fields}
-            data = httpx.post(service.base_url + "/v1/embeddings", json=body, timeout=120).json()["data"]
-            online = np.array([d["embedding"] for d in sorted(data, key=lambda d: d["index"])], dtype=np.float32)
-            np.testing.assert_allclose(offline[name], online, atol=1e-6, err_msg=name)
+        body = {"model": tiny_model_dir.name, "input": PARITY_TEXTS, "input_type": "query", "dimensions": 32}
+        answer = httpx.post(service.base_url + "/v1/embeddings", json=body, timeout=120).json()
+    online = np.array([d["embedding"] for d in sorted(answer["data"], key=lambda d: d["index"])], dtype=np.float32)
+    np.testing.assert_allclose(offline, online, atol=1e-6)
+    assert sum(n_tokens) == answer["usage"]["prompt_tokens"]  # same prompt, same tokens
 
 
 def test_every_format_end_to_end(cluster, tiny_model_dir, tiny_encoder, tmp_path):
@@ -275,40 +302,65 @@ def test_every_format_end_to_end(cluster, tiny_model_dir, tiny_encoder, tmp_path
 
 
 INSTRUCTION = "Retrieve semantically similar text"
+BAD_JOB_ARGS = ["--max-tokens", "64", "--rows-per-part", "50", "--instruction", INSTRUCTION]
 
 
-def test_bad_rows_go_to_a_side_file_and_the_job_carries_on(cluster, tiny_model_dir, tiny_encoder, tmp_path):
+@pytest.fixture(scope="module")
+def bad_rows_job(cluster, tiny_model_dir, tmp_path_factory):
+    """A job over Parquet + JSON Lines with bad rows of every kind; (folder, texts, summary)."""
+    tmp = tmp_path_factory.mktemp("bad")
     texts = make_texts(300, seed=3)
-    long_text = "this row is far too long for the limit " * 20
     rows = [{"id": i, "text": t} for i, t in enumerate(texts)]
-    rows[10]["text"], rows[20]["text"], rows[30]["text"] = "", None, long_text
-    write_rows(tmp_path / "in/a.parquet", "parquet", rows[:150])
+    rows[10]["text"], rows[20]["text"], rows[30]["text"] = "", None, "this row is far too long for the limit " * 20
+    write_rows(tmp / "in/a.parquet", "parquet", rows[:150])
     raw = "".join(json.dumps(r) + "\n" for r in rows[150:]).encode()
-    (tmp_path / "in/b.jsonl").write_bytes(raw.replace(b'{"id": 200,', b'{"id": 200 BROKEN', 1) + b"\xff\xfe\n")
-    summary = run_job(cluster, tiny_model_dir, tmp_path / "in", tmp_path / "out", "--max-tokens", "64",
-                      "--rows-per-part", "50", "--instruction", INSTRUCTION)
-    bad = bad_rows(tmp_path / "out")
+    (tmp / "in/b.jsonl").write_bytes(raw.replace(b'{"id": 200,', b'{"id": 200 BROKEN', 1) + b"\xff\xfe\n")
+    return tmp, texts, run_job(cluster, tiny_model_dir, tmp / "in", tmp / "out", *BAD_JOB_ARGS)
+
+
+def test_bad_rows_go_to_a_side_file_and_the_job_carries_on(bad_rows_job, tiny_encoder):
+    tmp, texts, summary = bad_rows_job
+    bad = bad_rows(tmp / "out")
     assert {(b["id"], b["reason"].split(":")[0]) for b in bad} == {
         (10, "empty text"), (20, "null text"), (30, "over-long"), (None, "invalid JSON"), (None, "undecodable")}
     assert {b["row"] for b in bad if b["id"] is None} == {50, 150}  # rows of b.jsonl
     assert all(b["file"].endswith(("a.parquet", "b.jsonl")) for b in bad)
-    ids, vectors, _ = read_output(tmp_path / "out")
+    assert "64 tokens" in next(b["reason"] for b in bad if b["id"] == 30)
+    ids, vectors, _ = read_output(tmp / "out")
     good = [i for i in range(300) if i not in (10, 20, 30, 200)]
     assert sorted(ids) == good
     assert (summary["embedded"], summary["bad"], summary["corpus_rows"]) == (296, 5, 301)
     got = by_id(ids, vectors)
     np.testing.assert_allclose(np.stack([got[i] for i in good]),
                                tiny_encoder.encode([texts[i] for i in good], instruction=INSTRUCTION), atol=1e-6)
-    # the same job again with --truncate would embed the long row: a different job, so it must say so
-    assert corpus.main(["--input", str(tmp_path / "in"), "--output", str(tmp_path / "out"), "--model",
-                        str(tiny_model_dir), "--address", cluster.address, "--max-tokens", "64",
-                        "--instruction", INSTRUCTION, "--truncate"]) == 2
+
+
+def test_resume_refuses_other_settings_or_changed_input(bad_rows_job, cluster, tiny_model_dir, capsys):
+    tmp, _, first = bad_rows_job
+    base = ["--input", str(tmp / "in"), "--output", str(tmp / "out"), "--model", str(tiny_model_dir),
+            "--address", cluster.address]
+    again = run_job(cluster, tiny_model_dir, tmp / "in", tmp / "out", *BAD_JOB_ARGS[:2], *BAD_JOB_ARGS[4:])
+    assert (again["parts_this_run"], again["parts_done_before"]) == (0, first["parts"])  # done; keeps its parts
+    capsys.readouterr()
+    for extra, says in ((["--truncate"], "truncate: was False, now True"),  # would embed the over-long row
+                        (["--dimensions", "32"], "dimensions: was None, now 32"),
+                        (["--rows-per-part", "25"], "rows_per_part: was 50, now 25")):
+        assert corpus.main(base + BAD_JOB_ARGS + extra) == 2
+        assert says in capsys.readouterr().err
+    assert corpus.main(base + ["--max-tokens", "64"]) == 2  # no --instruction: another prompt
+    assert "prompt: was" in capsys.readouterr().err
+    extra_file = write_rows(tmp / "in/c.jsonl", "jsonl", [{"id": 999, "text": "one more"}])
+    try:
+        assert corpus.main(base + BAD_JOB_ARGS) == 2
+        assert "not what this output directory was started with (new: " in capsys.readouterr().err
+    finally:
+        extra_file.unlink()
 
 
 @pytest.mark.slow
 def test_resume_after_kill_does_only_what_is_missing(cluster, tiny_model_dir, tmp_path):
     """A plain-text corpus (ids: row numbers), killed with SIGKILL mid-job, then run again."""
-    n, per_part = 30_000, 500
+    n, per_part = 12_000, 300
     write_rows(tmp_path / "in.txt", "text", [{"text": t} for t in make_texts(n, seed=4)])
     out = tmp_path / "out"
     cmd = cli(cluster, tiny_model_dir, tmp_path / "in.txt", out, "--rows-per-part", str(per_part))
@@ -364,30 +416,13 @@ def test_corpus_larger_than_the_object_store(cluster, tiny_model_dir, tmp_path):
     assert sorted(ids) == list(range(n))
 
 
-def test_resume_refuses_other_settings_or_changed_input(cluster, tiny_model_dir, tmp_path, capsys):
-    inp = write_rows(tmp_path / "in.jsonl", "jsonl", [{"id": i, "text": t} for i, t in enumerate(make_texts(50))])
-    first = run_job(cluster, tiny_model_dir, inp, tmp_path / "out", "--rows-per-part", "20")
-    again = run_job(cluster, tiny_model_dir, inp, tmp_path / "out")  # complete: nothing to do; keeps its parts
-    assert (first["parts_this_run"], again["parts_this_run"], again["parts_done_before"]) == (3, 0, 3)
-    base = ["--input", str(inp), "--output", str(tmp_path / "out"), "--model", str(tiny_model_dir),
-            "--address", cluster.address]
-    assert corpus.main(base + ["--dimensions", "32"]) == 2
-    assert "dimensions: was None, now 32" in capsys.readouterr().err
-    assert corpus.main(base + ["--rows-per-part", "25"]) == 2
-    assert "rows_per_part: was 20, now 25" in capsys.readouterr().err
-    with open(inp, "a") as f:
-        f.write('{"id": 50, "text": "one more"}\n')
-    assert corpus.main(base) == 2
-    assert "changed" in capsys.readouterr().err
-
-
 def test_benchmark_mode_compares_with_sentence_transformers(cluster, tiny_model_dir, tmp_path, capsys):
-    inp = write_rows(tmp_path / "in.jsonl", "jsonl", [{"id": i, "text": t} for i, t in enumerate(make_texts(2000))])
+    inp = write_rows(tmp_path / "in.jsonl", "jsonl", [{"id": i, "text": t} for i, t in enumerate(make_texts(800))])
     args = corpus.parse_args(["--input", str(inp), "--model", str(tiny_model_dir), "--address", cluster.address,
                               "--benchmark"])
     result = corpus.benchmark(args)
     out = capsys.readouterr().out
     assert "sentence-transformers encode" in out and "corpus job, encoders loaded" in out
-    assert result["texts"] == 2000 and result["tokens"] > 0
+    assert result["texts"] == 800 and result["tokens"] > 0
     assert result["corpus_tokens_per_s"] > 0 and result["st_tokens_per_s"] > 0
     assert result["ratio"] == pytest.approx(result["corpus_tokens_per_s_steady"] / result["st_tokens_per_s"], rel=1e-2)
