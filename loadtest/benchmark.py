@@ -27,7 +27,7 @@ import random
 import statistics
 import sys
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -124,16 +124,12 @@ async def drive(workload: list[Request], concurrency: int, call) -> tuple[dict, 
 class InProcess:
     """The replica's path without Ray or HTTP: tokenise, TokenBudgetBatcher, Encoder."""
 
-    def __init__(self, encoder, max_batch_wait_s: float):
-        from serve_app.config import ServiceConfig
+    def __init__(self, encoder, config):
         from serve_app.scheduler import TokenBudgetBatcher
 
         self.encoder = encoder
-        defaults = ServiceConfig()  # the service's scheduling defaults
-        self.interactive_max_tokens = defaults.interactive_max_tokens
-        self.batcher = TokenBudgetBatcher(encoder.start_batch, encoder.dimensions, encoder.max_batch_tokens,
-                                          max_batch_wait_s=max_batch_wait_s,
-                                          interactive_max_share=defaults.interactive_max_share)
+        self.interactive_max_tokens = config.interactive_max_tokens
+        self.batcher = TokenBudgetBatcher.for_encoder(encoder, config)
         self.results: list[tuple[str, object]] = []  # (request kind, EmbedResult): where the time went
 
     async def call(self, req: Request, priority: str | None = None) -> int:
@@ -312,7 +308,8 @@ async def main(args) -> dict:
     from serve_app import Encoder
 
     torch.set_num_threads(args.threads or torch.get_num_threads())
-    encoder = Encoder.from_pretrained(args.model, device=args.device, max_batch_tokens=args.max_batch_tokens)
+    encoder = Encoder.from_pretrained(args.model, device=args.device, dtype=args.dtype,
+                                      max_batch_tokens=args.max_batch_tokens)
     n_requests = max(8, int(40 * args.scale))
     workload = make_workload(n_requests, seed=args.seed)
     total_tokens = sum(len(t.ids) for r in workload for t in encoder.tokenizer.encode_texts(
@@ -323,7 +320,11 @@ async def main(args) -> dict:
                         "requests": len(workload), "tokens": total_tokens,
                         "kinds": {k: sum(r.kind == k for r in workload) for k in ("query", "passages", "long")}}}
     print(json.dumps(report, indent=1), flush=True)
-    in_process = InProcess(encoder, args.max_batch_wait_ms / 1000)
+    from serve_app.config import ServiceConfig
+
+    # the service's scheduling defaults, but for what the command line sets
+    config = ServiceConfig(max_batch_wait_ms=args.max_batch_wait_ms, interactive_batch_tokens=args.interactive_batch_tokens)
+    in_process = InProcess(encoder, config)
     served = Served(args.url, args.served_model, args.api_key, args.ray_address) if args.url else None
     if served:
         await served.resolve_model()
@@ -396,9 +397,12 @@ def parse_args(argv=None):
     p.add_argument("--scale", type=float, default=1.0, help="workload size (1.0 = 40 requests)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device")
+    p.add_argument("--dtype", default="auto", help="in-process dtype (default: the service's auto)")
     p.add_argument("--threads", type=int)
     p.add_argument("--max-batch-tokens", type=int, help="in-process token budget (default: the encoder's)")
     p.add_argument("--max-batch-wait-ms", type=float, default=2.0)
+    p.add_argument("--interactive-batch-tokens", type=int, help="in-process budget of a batch led by interactive "
+                   "work (default: the service's)")
     p.add_argument("--scenario", choices=["throughput", "priority", "all"], default="throughput")
     p.add_argument("--bulk-clients", type=int, default=8)
     p.add_argument("--query-interval-s", type=float, default=1.0)

@@ -7,6 +7,11 @@ in transformers 5.x clearing ``is_causal`` on the attention modules does not cha
 that mask), so :class:`BidirectionalQwen2` builds the padding-only mask itself and
 hands it to the model as the prepared per-layer-type mask mapping.
 
+Packed batches (CPU): several texts laid end to end in one row, no padding. Each
+layer's attention then runs text by text over its own span (``spans``, see
+:func:`span_attention`), and positions restart at 0 for every text, so a text's vector
+does not depend on what it was packed with.
+
 Any other architecture (BERT-like sentence-transformers models) is loaded with
 ``AutoModel``, which is already bidirectional.
 """
@@ -24,6 +29,32 @@ from .errors import MissingWeightsError, ModelLoadError
 
 log = logging.getLogger(__name__)
 
+#: Our attention implementation's name in transformers' registries: SDPA, text by text when packed.
+SPAN_ATTENTION = "kalm_span_sdpa"
+
+
+def span_attention(module, query, key, value, attention_mask, spans=None, **kwargs):
+    """SDPA over a packed row one text (span of positions) at a time; plain SDPA without spans.
+
+    A loop of small fused calls instead of one masked call over the whole row: a
+    block-diagonal mask would cost (row length)² attention work, the loop Σ (text length)².
+    """
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    if spans is None:
+        return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
+    outputs = [sdpa_attention_forward(module, query[:, :, a:b], key[:, :, a:b], value[:, :, a:b], None, **kwargs)[0]
+               for a, b in spans]
+    return torch.cat(outputs, dim=1), None
+
+
+def _register_span_attention() -> None:
+    from transformers import AttentionInterface
+    from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+
+    AttentionInterface.register(SPAN_ATTENTION, span_attention)
+    AttentionMaskInterface.register(SPAN_ATTENTION, sdpa_mask)  # padded batches: SDPA's own mask
+
 
 @dataclass
 class LayerState:
@@ -33,6 +64,7 @@ class LayerState:
     mask: torch.Tensor | None
     position_embeddings: tuple[torch.Tensor, torch.Tensor]
     position_ids: torch.Tensor
+    spans: list[tuple[int, int]] | None  # packed batches: each text's positions in the row
     next_layer: int = 0
 
 
@@ -50,6 +82,8 @@ class BidirectionalQwen2(nn.Module):
 
         if getattr(qwen2.config, "use_sliding_window", False):
             raise ModelLoadError("sliding-window Qwen2 checkpoints are not supported")
+        _register_span_attention()
+        qwen2.config._attn_implementation = SPAN_ATTENTION
         self.qwen2 = qwen2
         self._create_mask = create_bidirectional_mask
         # SDPA and flash attention consult the module flag when no mask is passed.
@@ -61,28 +95,36 @@ class BidirectionalQwen2(nn.Module):
     def config(self):
         return self.qwen2.config
 
-    def begin(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> LayerState:
+    def begin(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
+              spans: list[tuple[int, int]] | None = None) -> LayerState:
+        """Padded batch (``attention_mask`` [rows, len]) or one packed row (``spans``)."""
         hidden = self.qwen2.embed_tokens(input_ids)
-        # None when nothing is padded: SDPA then runs its fused kernel with no mask at all.
-        mask = self._create_mask(config=self.config, inputs_embeds=hidden, attention_mask=attention_mask)
-        # Right padding: every text's positions start at 0, whatever batch it is in.
-        position_ids = torch.arange(input_ids.shape[1], device=input_ids.device).unsqueeze(0)
-        return LayerState(hidden, mask, self.qwen2.rotary_emb(hidden, position_ids), position_ids)
+        if spans is not None:
+            mask = None
+            position_ids = torch.cat([torch.arange(b - a, device=input_ids.device) for a, b in spans]).unsqueeze(0)
+        else:
+            # None when nothing is padded: SDPA then runs its fused kernel with no mask at all.
+            mask = self._create_mask(config=self.config, inputs_embeds=hidden, attention_mask=attention_mask)
+            # Right padding: every text's positions start at 0, whatever batch it is in.
+            position_ids = torch.arange(input_ids.shape[1], device=input_ids.device).unsqueeze(0)
+        return LayerState(hidden, mask, self.qwen2.rotary_emb(hidden, position_ids), position_ids, spans)
 
     def advance(self, state: LayerState, layers: int | None = None) -> bool:
         """Run up to ``layers`` more layers (all by default); True once the last has run."""
         stop = self.num_layers if layers is None else min(self.num_layers, state.next_layer + layers)
         for layer in self.qwen2.layers[state.next_layer:stop]:
             state.hidden = layer(state.hidden, attention_mask=state.mask, position_ids=state.position_ids,
-                                 position_embeddings=state.position_embeddings, use_cache=False)
+                                 position_embeddings=state.position_embeddings, use_cache=False,
+                                 spans=state.spans)
         state.next_layer = stop
         return stop == self.num_layers
 
     def end(self, state: LayerState) -> torch.Tensor:
         return self.qwen2.norm(state.hidden)
 
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        state = self.begin(input_ids, attention_mask)
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
+                spans: list[tuple[int, int]] | None = None) -> torch.Tensor:
+        state = self.begin(input_ids, attention_mask, spans)
         self.advance(state)
         return self.end(state)
 

@@ -1,7 +1,8 @@
-"""Group inputs into batches under a token budget, and pad them into tensors.
+"""Group inputs into batches under a token budget, and lay them out as tensors.
 
-Cost of a batch = padded length × rows: what the model really computes. Sorting by
-length before packing keeps padding small.
+Two layouts. **Padded**: rows of the longest input's length; cost = padded length ×
+rows, what the model really computes, and sorting by length keeps padding small.
+**Packed**: every input end to end in one row, no padding; cost = the real tokens.
 """
 
 from __future__ import annotations
@@ -11,22 +12,32 @@ from typing import Sequence
 import torch
 
 
-def plan_batches(lengths: Sequence[int], max_batch_tokens: int, max_batch_rows: int | None = None) -> list[list[int]]:
-    """Indices of ``lengths`` grouped into batches whose padded cost fits ``max_batch_tokens``.
+def batch_cost(lengths: Sequence[int], packed: bool) -> int:
+    """Tokens the model computes for one batch of inputs of these lengths."""
+    if packed:
+        return sum(lengths)
+    return max(lengths) * len(lengths) if lengths else 0
 
-    Longest first, so each batch's padded length is its first item's length. An input
-    longer than the budget gets a batch of its own.
+
+def plan_batches(lengths: Sequence[int], max_batch_tokens: int, packed: bool = False) -> list[list[int]]:
+    """Indices of ``lengths`` grouped into batches whose cost fits ``max_batch_tokens``.
+
+    Longest first, so each padded batch's length is its first item's length (and packed
+    rows hold texts of similar length). An input longer than the budget gets a batch of
+    its own.
     """
     order = sorted(range(len(lengths)), key=lambda i: lengths[i], reverse=True)
     batches: list[list[int]] = []
     current: list[int] = []
+    total = 0
     for i in order:
-        padded_len = lengths[current[0]] if current else lengths[i]
-        full = max_batch_rows is not None and len(current) >= max_batch_rows
-        if current and (full or padded_len * (len(current) + 1) > max_batch_tokens):
+        longest = lengths[current[0]] if current else lengths[i]
+        cost = total + lengths[i] if packed else longest * (len(current) + 1)
+        if current and cost > max_batch_tokens:
             batches.append(current)
-            current = []
+            current, total = [], 0
         current.append(i)
+        total += lengths[i]
     if current:
         batches.append(current)
     return batches
@@ -43,6 +54,22 @@ def pad_batch(token_ids: Sequence[Sequence[int]], pad_token_id: int) -> tuple[to
     return input_ids, attention_mask
 
 
-def padded_tokens(lengths: Sequence[int]) -> int:
-    """Tokens the model computes for one batch of these lengths."""
-    return max(lengths) * len(lengths) if lengths else 0
+def pack_batch(token_ids: Sequence[Sequence[int]]) -> tuple[torch.Tensor, list[tuple[int, int]]]:
+    """All inputs end to end: ``(input_ids [1, total], spans)``, span k = input k's positions."""
+    spans, start = [], 0
+    for ids in token_ids:
+        spans.append((start, start + len(ids)))
+        start += len(ids)
+    flat = torch.as_tensor([t for ids in token_ids for t in ids], dtype=torch.long).unsqueeze(0)
+    return flat, spans
+
+
+def unpack_hidden(hidden: torch.Tensor, spans: Sequence[tuple[int, int]]) -> tuple[torch.Tensor, torch.Tensor]:
+    """A packed row's states [1, total, dim] as a right-padded batch: ``(hidden, attention_mask)``."""
+    longest = max(b - a for a, b in spans)
+    out = hidden.new_zeros((len(spans), longest, hidden.shape[-1]))
+    mask = torch.zeros((len(spans), longest), dtype=torch.long, device=hidden.device)
+    for row, (a, b) in enumerate(spans):
+        out[row, : b - a] = hidden[0, a:b]
+        mask[row, : b - a] = 1
+    return out, mask

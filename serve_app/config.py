@@ -34,7 +34,9 @@ class ServiceConfig(BaseModel):
 
     # --- where it runs ----------------------------------------------------------------
     device: str = Field("auto", description="auto (CUDA when the replica has a GPU), cpu or cuda.")
-    dtype: str = Field("auto", description="auto (bf16 on CUDA, fp32 on CPU), float32, bfloat16 or float16.")
+    dtype: str = Field("auto", description="auto (bf16 on CUDA and on CPUs with bf16 in hardware, AVX512-BF16 "
+                       "or AMX; else fp32; the KALM_DTYPE environment variable overrides), float32, bfloat16 "
+                       "or float16.")
     encoder_num_cpus: float | None = Field(
         None, description="CPUs each encoder replica reserves on CPU-only clusters (torch uses that many "
         "threads); default: all CPUs of a node, at most 8. On GPU clusters a replica takes 1 GPU and 1 CPU.")
@@ -54,12 +56,12 @@ class ServiceConfig(BaseModel):
 
     # --- batching and scheduling in the encoder replicas ------------------------------
     max_batch_tokens: int | None = Field(
-        None, gt=0, description="Token budget of one forward pass (padded length x rows); default 512 on "
-        "CPU (one batch ~2-3 s for KaLM on 2 cores), 16384 on CUDA.")
+        None, gt=0, description="Token budget of one forward pass; default 512 on CPU (one batch ~2-3 s "
+        "for KaLM on 2 cores; texts packed end to end, no padding), 16384 on CUDA (padded length x rows).")
     max_batch_wait_ms: float = Field(2.0, ge=0, description="How long a batch below its budget may wait "
                                      "for more work (from its oldest input's arrival).")
-    max_padding_fraction: float = Field(0.15, ge=0, le=1, description="A batch takes no input that would "
-                                        "make more than this share of its computed tokens padding.")
+    max_padding_fraction: float = Field(0.15, ge=0, le=1, description="A padded batch (CUDA) takes no input "
+                                        "that would make more than this share of its computed tokens padding.")
     max_chunk_tokens: int = Field(8192, gt=0, description="Large requests are cut into chunks of about "
                                   "this many tokens, spread over replicas.")
     priority_scheduling: bool = Field(
@@ -68,6 +70,11 @@ class ServiceConfig(BaseModel):
     interactive_max_tokens: int = Field(
         128, ge=0, description="Requests with at most this many tokens in total are interactive: they "
         "overtake bulk work (a request may set priority explicitly).")
+    interactive_batch_tokens: int | None = Field(
+        None, gt=0, description="Token budget of a batch led by interactive requests (topped up with bulk "
+        "inputs), at most max_batch_tokens; default 384 on CPU (~0.9 s in bf16 on 2 cores), max_batch_tokens "
+        "on CUDA. Lower it where such a batch takes longer than queries may wait (fp32 CPUs: ~192), at "
+        "some cost in throughput.")
     interactive_max_share: float = Field(
         0.5, gt=0, le=1, description="Interactive work goes first only while it has used less than this "
         "share of a replica's recent compute time, so bulk work is never starved.")

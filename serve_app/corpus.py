@@ -203,6 +203,7 @@ class EmbedParts:
             part["token_lengths"] = lengths
             part["embed_s"] = time.perf_counter() - started
             part["ready_at"] = self.ready_at
+            part["dtype"] = str(self.encoder.dtype).removeprefix("torch.")
             log.debug("part %d: %d rows read and tokenised in %.2fs, embedded in %.2fs", part["part"],
                       len(lengths), part["read_s"], part["embed_s"])
         return _pack(parts, batch.schema.field("ids").type.value_type)
@@ -227,7 +228,8 @@ def write_parts(batch: pa.Table, out_uri: str, dimensions: int) -> pa.Table:
         write_atomically(join(out_uri, part_name(part["part"])), sink.getvalue())
         summary.append({"part": part["part"], "rows": part["rows"], "embedded": len(table),
                         "bad": part["bad"].count("\n"), "tokens": int(part["token_lengths"].to_numpy().sum()),
-                        "read_s": part["read_s"], "embed_s": part["embed_s"], "ready_at": part["ready_at"]})
+                        "read_s": part["read_s"], "embed_s": part["embed_s"], "ready_at": part["ready_at"],
+                        "dtype": part["dtype"]})
     return pa.Table.from_pylist(summary)
 
 
@@ -266,6 +268,7 @@ class Progress:
     bad: int = 0
     tokens: int = 0
     first_ready_at: float | None = None  # wall clock when the first encoder actor had its model loaded
+    dtypes: set = field(default_factory=set)  # what the encoders ran in (auto may differ between nodes)
     _last: float = 0.0
 
     def update(self, summary: pa.Table) -> None:
@@ -276,6 +279,7 @@ class Progress:
             self.bad += row["bad"]
             self.tokens += row["tokens"]
             self.first_ready_at = min(self.first_ready_at or row["ready_at"], row["ready_at"])
+            self.dtypes.add(row["dtype"])
         now = time.perf_counter()
         if now - self._last >= self.interval:
             self._last = now
@@ -434,7 +438,11 @@ def run(args: argparse.Namespace) -> dict:
         "tokens_per_s_wall": round(progress.tokens / wall_s, 1) if wall_s else 0.0,
         "steady_s": round(steady_s, 3), "tokens_per_s_steady": round(progress.tokens / steady_s, 1) if steady_s else 0.0,
         "dimensions": settings.dimensions or files.hidden_size, "id_source": plan.id_source, "id_type": plan.id_type,
+        "dtypes": sorted(progress.dtypes),
     }
+    if len(progress.dtypes) > 1:
+        log.warning("encoders ran in several dtypes (%s): nodes differ in bf16 support; pin --dtype for "
+                    "vectors computed alike", ", ".join(sorted(progress.dtypes)))
     write_json(join(out_uri, SUMMARY), summary)
     _print_summary(summary, out_uri)
     return summary
@@ -485,7 +493,7 @@ def _print_summary(s: dict, out_uri: str) -> None:
         f"corpus job {state}: {out_uri}\n"
         f"  this run      {s['rows']:,} rows in {s['parts_this_run']:,} parts "
         f"({s['parts_done_before']:,} of {s['parts']:,} parts were already done)\n"
-        f"  embedded      {s['embedded']:,} rows, {s['tokens']:,} tokens\n"
+        f"  embedded      {s['embedded']:,} rows, {s['tokens']:,} tokens, in {', '.join(s['dtypes']) or '-'}\n"
         f"  rows skipped  {s['bad']:,}{bad_note}\n"
         f"  tokens/s      {s['tokens_per_s']:,.0f} over the pipeline ({s['pipeline_s']:.1f} s, encoder start "
         f"included); {s['tokens_per_s_steady']:,.0f} once the encoders were loaded ({s['steady_s']:.1f} s)\n"
@@ -521,7 +529,8 @@ def benchmark(args: argparse.Namespace) -> dict:
     from .encoder import parse_dtype
 
     device = args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
-    dtype = parse_dtype(args.dtype, torch.device(device))  # the encoders' dtype; ST would follow config.json
+    # the dtype the job's encoders ran in (ST alone would follow config.json)
+    dtype = parse_dtype(job["dtypes"][0] if len(job["dtypes"]) == 1 else args.dtype, torch.device(device))
     st = SentenceTransformer(plan.settings["model"], device=device, model_kwargs={"dtype": dtype})
     prompt = plan.settings["prompt"] or None
     st.encode(texts[:64], prompt=prompt, batch_size=args.st_batch_size)  # warm-up
@@ -586,7 +595,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     run_.add_argument("--address", help="Ray cluster to use (default: $RAY_ADDRESS, else a local Ray)")
     run_.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto",
                       help="auto: one GPU per encoder actor where the cluster has GPUs, else CPUs")
-    run_.add_argument("--dtype", default="auto", help="auto (bf16 on CUDA, fp32 on CPU), float32, bfloat16, float16")
+    run_.add_argument("--dtype", default="auto", help="auto (bf16 on CUDA and on CPUs with bf16 in hardware, else "
+                      "fp32; $KALM_DTYPE overrides), float32, bfloat16, float16")
     run_.add_argument("--batch-tokens", type=int,
                       help="token budget of one forward pass (default as the service: 16384 CUDA, 512 CPU)")
     run_.add_argument("--max-actors", type=int, help="most encoder actors (default: the cluster's GPUs, or CPUs)")

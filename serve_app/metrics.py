@@ -65,7 +65,10 @@ class ReplicaMetrics:
         self.batch_inputs = metrics.Counter("kalm_batch_inputs", "Inputs run in forward passes.")
         self.computed_tokens = metrics.Counter("kalm_computed_tokens", "Tokens computed in forward passes, "
                                                "padding included.")
-        self.padding_tokens = metrics.Counter("kalm_padding_tokens", "Padding tokens computed.")
+        # text tokens rather than padding tokens: Ray counters refuse an increment of 0, and packed
+        # (CPU) batches have no padding, so a padding counter would never appear there
+        self.text_tokens = metrics.Counter("kalm_batch_text_tokens", "Text tokens computed in forward passes "
+                                           "(computed minus these = padding).")
         self.batch_rows = metrics.Histogram("kalm_batch_rows", "Inputs per forward pass.", boundaries=ROW_BUCKETS)
         self.batch_tokens = metrics.Histogram("kalm_batch_tokens", "Tokens computed per forward pass, padding "
                                               "included.", boundaries=TOKEN_BUCKETS)
@@ -78,8 +81,7 @@ class ReplicaMetrics:
         self.batches.inc()
         self.batch_inputs.inc(stats.rows)
         self.computed_tokens.inc(stats.padded_tokens)
-        if stats.padded_tokens > stats.tokens:  # Ray counters refuse an increment of 0
-            self.padding_tokens.inc(stats.padded_tokens - stats.tokens)
+        self.text_tokens.inc(stats.tokens)
         self.batch_rows.observe(stats.rows)
         self.batch_tokens.observe(stats.padded_tokens)
         self.padding.observe(1 - stats.tokens / stats.padded_tokens if stats.padded_tokens else 0.0)

@@ -50,16 +50,7 @@ class KalmEncoder:
         )
         self.encoder.warm_up()
         self.metrics = ReplicaMetrics()
-        self.batcher = TokenBudgetBatcher(
-            self.encoder.start_batch,
-            dimensions=self.encoder.dimensions,
-            max_batch_tokens=self.encoder.max_batch_tokens,
-            max_batch_wait_s=cfg.max_batch_wait_ms / 1000,
-            max_padding_fraction=cfg.max_padding_fraction,
-            interactive_max_share=cfg.interactive_max_share,
-            max_queued_tokens=cfg.max_queued_tokens_per_replica,
-            on_batch=self._on_batch,
-        )
+        self.batcher = TokenBudgetBatcher.for_encoder(self.encoder, cfg, on_batch=self._on_batch)
         self.calls = 0  # embed calls received (one per chunk of a request)
         self.in_flight = 0  # embed calls inside this replica now (what Serve counts as its ongoing requests)
         self.in_flight_tokens = 0  # their tokens: what the autoscaling policy scales on

@@ -5,16 +5,21 @@ batch and runs it on a single model thread while it keeps accepting work:
 
 * **Order: two lanes.** Interactive inputs go first, in arrival order, as long as the
   interactive lane has used less than ``interactive_max_share`` of the recent compute
-  time (a decaying window); past that share bulk work goes first. So a query never
-  waits behind a bulk backlog, however deep, and bulk work still gets at least
-  ``1 - interactive_max_share`` of the device when queries alone could fill it:
-  nothing starves. Within a lane, first come, first served.
-* **Batch: the head input plus compatible ones.** Pending inputs are added in that
-  order while the padded cost (longest × rows) fits ``max_batch_tokens`` and padding
-  stays under ``max_padding_fraction``: batches are filled with inputs of similar
-  length, so a short query rides with other short inputs instead of being padded to
-  a passage's length. An input longer than the budget runs alone.
-* **Fill wait.** A batch below the budget waits at most ``max_batch_wait_s`` (from its
+  (a decaying window; a batch's time is split between the lanes by their tokens in it);
+  past that share bulk work goes first. So a query never waits behind a bulk backlog,
+  however deep, and bulk work still gets at least ``1 - interactive_max_share`` of the
+  device when queries alone could fill it: nothing starves. Within a lane, first come,
+  first served.
+* **Batch: the head input plus what fits.** Pending inputs are added in that order
+  while the batch's cost fits the budget (packed batches: real tokens; padded ones:
+  longest × rows, and padding under ``max_padding_fraction``). An input longer than the
+  budget runs alone.
+* **A query joins a full batch.** A batch led by interactive work is topped up with
+  pending bulk inputs (in their order, those that fit), so a query is not a tiny,
+  wasteful forward pass of its own: one pass over the weights costs about as much as
+  ~40 tokens of work on CPU. Its budget, ``interactive_batch_tokens``, may be set below
+  ``max_batch_tokens`` where a full batch takes longer than queries may wait.
+* **Fill wait.** A batch below its budget waits at most ``max_batch_wait_s`` (from its
   head's arrival) for more work.
 * **Preemption between layers.** A running bulk batch stops at the next layer boundary
   when interactive work arrives that may go first; it resumes from where it stopped
@@ -53,6 +58,11 @@ StartBatch = Callable[[list[list[int]]], BatchRunner]
 #: How many pending inputs (in lane order) are looked at when forming one batch.
 SCAN_LIMIT = 4096
 
+#: Budget of a batch led by interactive work unless configured (else: max_batch_tokens).
+#: CPU: ~0.9 s of KaLM in bf16 on 2 cores, so a query that arrives while one runs still
+#: finishes in about 2 s; a full 512-token batch is 1.2 s. CUDA: a full batch is milliseconds.
+DEFAULT_INTERACTIVE_BATCH_TOKENS = {"cpu": 384}
+
 
 @dataclass
 class EmbedResult:
@@ -89,7 +99,8 @@ class _Job:
     """A formed batch: its inputs, its lane, and its forward pass."""
 
     inputs: list[_Input]
-    interactive: bool
+    interactive: bool  # led by interactive work: never preempted
+    interactive_fraction: float  # share of its tokens that are interactive: its compute is split so
     runner: BatchRunner | None = None  # made on the model thread, when the job first runs
     last_run_s: float = 0.0  # compute time of its latest stretch on the model thread
 
@@ -118,6 +129,8 @@ class TokenBudgetBatcher:
         max_batch_tokens: int,
         max_batch_wait_s: float = 0.005,
         max_padding_fraction: float = 0.15,
+        packed: bool = False,
+        interactive_batch_tokens: int | None = None,
         interactive_max_share: float = 0.5,
         share_window_s: float = 30.0,
         max_queued_tokens: int = 2_000_000,
@@ -128,6 +141,8 @@ class TokenBudgetBatcher:
         self.max_batch_tokens = max_batch_tokens
         self.max_batch_wait_s = max_batch_wait_s
         self.max_padding_fraction = max_padding_fraction
+        self.packed = packed  # how start_batch lays out a batch; decides what a batch costs
+        self.interactive_batch_tokens = min(interactive_batch_tokens or max_batch_tokens, max_batch_tokens)
         self.interactive_max_share = interactive_max_share
         self.share_window_s = share_window_s
         self._compute_s = {True: 0.0, False: 0.0}  # decaying compute seconds per lane (True: interactive)
@@ -144,6 +159,24 @@ class TokenBudgetBatcher:
         self._wakeup: asyncio.Event | None = None
         self._loop_task: asyncio.Task | None = None
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="model")
+
+    @classmethod
+    def for_encoder(cls, encoder, config, on_batch: Callable[[BatchStats], None] | None = None) -> "TokenBudgetBatcher":
+        """The batcher the service puts in front of ``encoder`` (a ``serve_app.Encoder``), as
+        ``config`` (a ``ServiceConfig``) says."""
+        return cls(
+            encoder.start_batch,
+            dimensions=encoder.dimensions,
+            max_batch_tokens=encoder.max_batch_tokens,
+            max_batch_wait_s=config.max_batch_wait_ms / 1000,
+            max_padding_fraction=config.max_padding_fraction,
+            packed=encoder.packed,
+            interactive_batch_tokens=(config.interactive_batch_tokens
+                                      or DEFAULT_INTERACTIVE_BATCH_TOKENS.get(encoder.device.type)),
+            interactive_max_share=config.interactive_max_share,
+            max_queued_tokens=config.max_queued_tokens_per_replica,
+            on_batch=on_batch,
+        )
 
     # --- callers -------------------------------------------------------------------
 
@@ -254,7 +287,8 @@ class TokenBudgetBatcher:
         self._compute_at = now
         for lane in self._compute_s:
             self._compute_s[lane] *= decay
-        self._compute_s[job.interactive] += job.last_run_s
+        self._compute_s[True] += job.last_run_s * job.interactive_fraction
+        self._compute_s[False] += job.last_run_s * (1 - job.interactive_fraction)
 
     def interactive_share(self) -> float:
         total = self._compute_s[True] + self._compute_s[False]
@@ -280,9 +314,9 @@ class TokenBudgetBatcher:
                 self._wakeup.clear()
                 await self._wakeup.wait()
                 continue
-            batch, cost = self._select()
+            batch, cost, budget = self._select()
             wait = batch[0].call.arrived + self.max_batch_wait_s - time.monotonic()
-            if cost >= self.max_batch_tokens * 0.9 or wait <= 0:
+            if cost >= budget * 0.9 or wait <= 0:
                 return self._start(batch)
             self._wakeup.clear()
             try:
@@ -297,26 +331,32 @@ class TokenBudgetBatcher:
             if item.call.started is None:
                 item.call.started = now
                 self.stats.longest_queue_s = max(self.stats.longest_queue_s, now - item.call.arrived)
-        self.queued_tokens -= sum(len(item.ids) for item in batch)
-        return _Job(batch, batch[0].interactive)
+        tokens = sum(len(item.ids) for item in batch)
+        self.queued_tokens -= tokens
+        interactive_tokens = sum(len(item.ids) for item in batch if item.interactive)
+        return _Job(batch, batch[0].interactive, interactive_tokens / tokens if tokens else 0.0)
 
-    def _select(self) -> tuple[list[_Input], int]:
-        """The head input (first in turn order) and the compatible inputs that fit with it."""
-        candidates = itertools.islice(self._in_turn_order(), SCAN_LIMIT)
-        head = next(candidates)
+    def _select(self) -> tuple[list[_Input], int, int]:
+        """The head input (first in turn order) and the inputs that fit with it: (batch, cost, budget)."""
+        candidates = list(itertools.islice(self._in_turn_order(), SCAN_LIMIT))
+        head = candidates[0]
+        budget = self.max_batch_tokens
+        if head.interactive:
+            budget = self.interactive_batch_tokens
         batch, longest, real = [head], len(head.ids), len(head.ids)
-        for item in candidates:
-            if longest * (len(batch) + 1) > self.max_batch_tokens:
-                break  # not even an input as short as the longest one fits any more
+        for item in candidates[1:]:
+            full = real >= budget if self.packed else longest * (len(batch) + 1) > budget
+            if full:
+                break  # no input, however short, fits any more
             new_longest = max(longest, len(item.ids))
-            cost = new_longest * (len(batch) + 1)
-            if cost > self.max_batch_tokens:
+            cost = real + len(item.ids) if self.packed else new_longest * (len(batch) + 1)
+            if cost > budget:
                 continue
             if 1 - (real + len(item.ids)) / cost > self.max_padding_fraction:
                 continue
             batch.append(item)
             longest, real = new_longest, real + len(item.ids)
-        return batch, longest * len(batch)
+        return batch, (real if self.packed else longest * len(batch)), budget
 
     @staticmethod
     def _live(lane: deque) -> Iterator[_Input]:

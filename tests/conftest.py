@@ -10,6 +10,9 @@ from serve_app.standin import write_standin
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # tests never touch the network
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# fp32 everywhere (services and jobs the tests start inherit it), so paths can be compared to 1e-6;
+# dtype "auto" and bf16 have their own tests.
+os.environ.setdefault("KALM_DTYPE", "float32")
 
 
 @pytest.fixture(scope="session")

@@ -32,23 +32,35 @@ def free_port() -> int:
 
 
 @contextlib.contextmanager
+def environ(**values: str | None):
+    """Set (or, with None, unset) environment variables for the block; restore them after."""
+    saved = {k: os.environ.get(k) for k in values}
+
+    def apply(settings):
+        for k, v in settings.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+    apply(values)
+    try:
+        yield
+    finally:
+        apply(saved)
+
+
+@contextlib.contextmanager
 def ray_auth_env():
     """Token auth for the clusters tests start (Ray 2.60 turns it on for local clusters)."""
     # Ray's own test helper: this process caches the auth mode, so refresh it on each change.
     from ray._private.authentication_test_utils import reset_auth_token_state
 
-    saved = {k: os.environ.get(k) for k in ("RAY_AUTH_MODE", "RAY_AUTH_TOKEN", "RAY_AUTH_TOKEN_PATH")}
-    os.environ.update(RAY_AUTH_MODE="token", RAY_AUTH_TOKEN=secrets.token_hex(16))
-    os.environ.pop("RAY_AUTH_TOKEN_PATH", None)
-    reset_auth_token_state()
     try:
-        yield
+        with environ(RAY_AUTH_MODE="token", RAY_AUTH_TOKEN=secrets.token_hex(16), RAY_AUTH_TOKEN_PATH=None):
+            reset_auth_token_state()
+            yield
     finally:
-        for k, v in saved.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
         reset_auth_token_state()
 
 

@@ -290,6 +290,7 @@ def test_every_format_end_to_end(cluster, tiny_model_dir, tiny_encoder, tmp_path
     summary = run_job(cluster, tiny_model_dir, tmp_path / "in", tmp_path / "out", "--rows-per-part", "64",
                       "--tokenize-in", "tasks")
     assert (summary["corpus_rows"], summary["embedded"], summary["bad"], summary["parts"]) == (500, 500, 0, 8)
+    assert summary["dtypes"] == ["float32"]  # what the encoders ran in ($KALM_DTYPE, set for the tests)
     ids, vectors, n_tokens = read_output(tmp_path / "out")
     expected_ids = [1000 * k + i for k in range(len(fmts)) for i in range(100)]
     assert sorted(ids) == expected_ids

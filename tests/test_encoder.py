@@ -13,6 +13,7 @@ from safetensors.torch import load_file, save_file
 
 from serve_app import Encoder
 from serve_app.checkpoint import KALM_QUERY_INSTRUCTION
+from serve_app.encoder import parse_dtype
 from serve_app.errors import InputTooLongError, MissingWeightsError, ModelLoadError
 from serve_app.pooling import truncate_dimensions
 from serve_app.standin import build_qwen2_tokenizer
@@ -127,16 +128,32 @@ def test_early_tokens_see_later_tokens(tiny_encoder):
 # --- batching does not change results ----------------------------------------------------
 
 
-def test_results_do_not_depend_on_batching(tiny_model_dir):
+@pytest.mark.parametrize("packed", [True, False], ids=["packed", "padded"])
+def test_results_do_not_depend_on_batching(tiny_model_dir, packed):
+    """Packed rows (CPU) and padded batches (CUDA) give every text the vector it gets alone."""
     texts = [t * n for n, t in zip([1, 9, 3, 25, 1, 5, 2], TEXTS)]
-    alone = np.stack([Encoder.from_pretrained(tiny_model_dir).encode([t])[0] for t in texts[:2]])
+    one = Encoder.from_pretrained(tiny_model_dir)
+    alone = np.stack([one.encode([t])[0] for t in texts])
     for budget in (64, 512, 100_000):
         enc = Encoder.from_pretrained(tiny_model_dir, max_batch_tokens=budget)
+        enc.packed = packed
         together = enc.encode(texts)
-        for i in range(2):
-            assert cosine(alone[i], together[i]) >= 0.99999
+        np.testing.assert_allclose(together, alone, atol=1e-5)
         # and the order of inputs is kept whatever the batches were
         np.testing.assert_allclose(together, enc.encode(texts[::-1])[::-1], atol=1e-5)
+
+
+def test_packed_row_attends_only_within_each_text(tiny_encoder):
+    """Two texts packed into one row: each one's states are what it gets alone."""
+    from serve_app.batching import pack_batch
+
+    a, b = [9707, 1879, 11, 1879], [3000, 11, 42]
+    with torch.no_grad():
+        input_ids, spans = pack_batch([a, b])
+        packed = tiny_encoder.model(input_ids, spans=spans)[0]
+        alone_b = tiny_encoder.model(torch.tensor([b]), torch.ones(1, 3, dtype=torch.long))[0]
+    assert spans == [(0, 4), (4, 7)]
+    torch.testing.assert_close(packed[4:], alone_b, atol=1e-5, rtol=0)
 
 
 # --- prompts, limits -----------------------------------------------------------------------
@@ -234,3 +251,26 @@ def test_full_standin_has_kalm_v2_shape():
         model = Qwen2Model(Qwen2Config(**cfg))
     assert sum(p.numel() for p in model.parameters()) == 494_032_768
     assert "RANDOM" in qwen2_config("full")["kalm_serve_standin"]
+
+
+# --- dtypes --------------------------------------------------------------------------------
+
+
+def test_auto_dtype_is_bf16_on_cuda_and_on_cpus_with_bf16_in_hardware(monkeypatch):
+    from serve_app import encoder as encoder_module
+
+    monkeypatch.delenv("KALM_DTYPE", raising=False)
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    monkeypatch.setattr(encoder_module, "cpu_has_native_bf16", lambda: True)
+    assert parse_dtype("auto", cpu) == parse_dtype(None, cuda) == torch.bfloat16
+    monkeypatch.setattr(encoder_module, "cpu_has_native_bf16", lambda: False)
+    assert parse_dtype("auto", cpu) == torch.float32
+    monkeypatch.setenv("KALM_DTYPE", "bf16")  # the environment overrides auto, not an explicit dtype
+    assert parse_dtype("auto", cpu) == torch.bfloat16 and parse_dtype("float32", cpu) == torch.float32
+
+
+def test_bf16_embeddings_stay_close_to_the_float64_reference(tiny_model_dir, reference):
+    got = Encoder.from_pretrained(tiny_model_dir, device="cpu", dtype="bfloat16").encode(TEXTS, instruction=INSTRUCTION)
+    for text, vector in zip(TEXTS, got):
+        want = reference.embed(reference_token_ids(f"Instruct: {INSTRUCTION} \n Query: " + text, append_eos=True))
+        assert cosine(vector, want.numpy()) >= 0.995

@@ -29,7 +29,7 @@ import pytest
 import yaml
 
 from serve_app.autoscaling import TokenBacklogPolicy
-from tests.service_harness import CONFIG, ServeProcess, free_port, local_cluster
+from tests.service_harness import CONFIG, ServeProcess, environ, free_port, local_cluster
 from tests.test_service import assert_openai_error
 
 WORKERS = 3
@@ -73,20 +73,6 @@ def test_policy_reads_serves_autoscaling_context():
 
 
 # --- the cluster --------------------------------------------------------------------------
-
-
-@contextlib.contextmanager
-def environ(**values: str):
-    saved = {k: os.environ.get(k) for k in values}
-    os.environ.update(values)
-    try:
-        yield
-    finally:
-        for k, v in saved.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
 
 
 @pytest.fixture(scope="module")

@@ -75,6 +75,36 @@ def test_plan_batches_fits_budget_and_keeps_long_inputs_alone():
     assert [4] in batches and [1] in batches
 
 
+def test_plan_batches_packed_costs_only_real_tokens():
+    lengths = [5, 300, 40, 41, 1000, 39, 7]
+    batches = plan_batches(lengths, max_batch_tokens=128, packed=True)
+    assert sorted(i for b in batches for i in b) == list(range(len(lengths)))
+    for batch in batches:
+        assert len(batch) == 1 or sum(lengths[i] for i in batch) <= 128
+    assert [2, 3, 5, 6] in [sorted(b) for b in batches]  # 41+40+39+7 = 127: no padding to pay for
+
+
+def test_a_query_batch_is_topped_up_with_bulk_inputs_that_fit():
+    """A query does not run as a tiny forward pass of its own, nor wait for a long one."""
+    model = FakeModel(seconds_per_token=0.0005)
+    batcher = TokenBudgetBatcher(model.start_batch, 4, max_batch_tokens=256, max_batch_wait_s=0, packed=True,
+                                 interactive_batch_tokens=64)
+
+    async def main():
+        bulk = asyncio.create_task(batcher.embed(inputs(100, 30, 60, 20, 90, first=1), "bulk"))
+        query = asyncio.create_task(batcher.embed(inputs(10, first=900), "interactive"))
+        await query
+        share = batcher.interactive_share()
+        await bulk
+        return share
+
+    share = run(main())
+    first = [len(ids) for ids in model.batches[0]]
+    assert first == [10, 30, 20]  # the query, then bulk inputs in their order that fit 64 tokens
+    assert sorted(len(ids) for b in model.batches[1:] for ids in b) == [60, 90, 100]
+    assert share == pytest.approx(10 / 60, abs=0.02)  # the bulk tokens' compute counts as bulk
+
+
 def test_concurrent_callers_share_batches_and_get_their_own_rows():
     model = FakeModel()
     batcher = TokenBudgetBatcher(model.start_batch, 4, max_batch_tokens=64, max_batch_wait_s=0.05)
