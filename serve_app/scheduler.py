@@ -338,13 +338,11 @@ class TokenBudgetBatcher:
 
     def _select(self) -> tuple[list[_Input], int, int]:
         """The head input (first in turn order) and the inputs that fit with it: (batch, cost, budget)."""
-        candidates = list(itertools.islice(self._in_turn_order(), SCAN_LIMIT))
-        head = candidates[0]
-        budget = self.max_batch_tokens
-        if head.interactive:
-            budget = self.interactive_batch_tokens
+        candidates = itertools.islice(self._in_turn_order(), SCAN_LIMIT)
+        head = next(candidates)
+        budget = self.interactive_batch_tokens if head.interactive else self.max_batch_tokens
         batch, longest, real = [head], len(head.ids), len(head.ids)
-        for item in candidates[1:]:
+        for item in candidates:
             full = real >= budget if self.packed else longest * (len(batch) + 1) > budget
             if full:
                 break  # no input, however short, fits any more
