@@ -24,6 +24,10 @@ batch and runs it on a single model thread while it keeps accepting work:
 * **Preemption between layers.** A running bulk batch stops at the next layer boundary
   when interactive work arrives that may go first; it resumes from where it stopped
   once no interactive work is waiting (or the share says bulk's turn).
+* **Ageing.** The oldest pending bulk input, or the oldest paused batch, goes next once
+  ``MAX_PASSED_OVER`` batches have started ahead of it, and is then not preempted
+  (queries still ride in its batch): under a steady stream of queries, a bulk input too
+  long for a query's batch would otherwise wait for a gap that never comes.
 
 Knows nothing of Ray or HTTP; the encoder replicas wrap it.
 """
@@ -57,6 +61,11 @@ StartBatch = Callable[[list[list[int]]], BatchRunner]
 
 #: How many pending inputs (in lane order) are looked at when forming one batch.
 SCAN_LIMIT = 4096
+
+#: Ageing: a bulk input, or a paused bulk batch, passed over this many times for
+#: interactive work goes next (queries still ride along), so nothing waits long behind
+#: queries, however steady; long bulk inputs never fit a query's smaller batch otherwise.
+MAX_PASSED_OVER = 2
 
 #: Budget of a batch led by interactive work unless configured (else: max_batch_tokens).
 #: CPU: ~0.9 s of KaLM in bf16 on 2 cores, so a query that arrives while one runs still
@@ -92,6 +101,7 @@ class _Input:
     index: int
     interactive: bool
     taken: bool = False
+    passed_over: int = 0  # batches started while it was the oldest pending bulk input
 
 
 @dataclass(eq=False)
@@ -99,10 +109,16 @@ class _Job:
     """A formed batch: its inputs, its lane, and its forward pass."""
 
     inputs: list[_Input]
-    interactive: bool  # led by interactive work: never preempted
+    interactive: bool  # holds interactive work: never preempted
     interactive_fraction: float  # share of its tokens that are interactive: its compute is split so
     runner: BatchRunner | None = None  # made on the model thread, when the job first runs
     last_run_s: float = 0.0  # compute time of its latest stretch on the model thread
+    passed_over: int = 0  # while paused: batches started ahead of it
+
+    @property
+    def preemptible(self) -> bool:
+        """Bulk work that has not aged: interactive work may stop it between layers."""
+        return not self.interactive and self.passed_over < MAX_PASSED_OVER
 
 
 @dataclass
@@ -197,7 +213,7 @@ class TokenBudgetBatcher:
         for i, ids in enumerate(token_ids):
             lane.append(_Input(list(ids), call, i, interactive))
         self.queued_tokens += n_tokens
-        if interactive and self._running is not None and not self._running.interactive and self._interactive_turn():
+        if interactive and self._running is not None and self._running.preemptible and self._interactive_turn():
             self._preempt = True
         self._wakeup.set()
         try:
@@ -308,8 +324,10 @@ class TokenBudgetBatcher:
         while True:
             self._trim()
             head = next(self._in_turn_order(), None)
-            if self._paused and (head is None or not head.interactive or self._paused[0].interactive):
-                return self._paused.pop(0)  # paused jobs are bulk, stopped for interactive work
+            # paused jobs are bulk, stopped for interactive work: they go on once none waits, or when aged
+            if self._paused and (head is None or not head.interactive
+                                 or self._paused[0].passed_over >= MAX_PASSED_OVER):
+                return self._paused.pop(0)
             if head is None:
                 self._wakeup.clear()
                 await self._wakeup.wait()
@@ -326,6 +344,7 @@ class TokenBudgetBatcher:
 
     def _start(self, batch: list[_Input]) -> _Job:
         now = time.monotonic()
+        oldest_bulk = next(self._live(self._bulk), None)
         for item in batch:
             item.taken = True
             if item.call.started is None:
@@ -333,16 +352,32 @@ class TokenBudgetBatcher:
                 self.stats.longest_queue_s = max(self.stats.longest_queue_s, now - item.call.arrived)
         tokens = sum(len(item.ids) for item in batch)
         self.queued_tokens -= tokens
+        if oldest_bulk is not None and not oldest_bulk.taken:
+            oldest_bulk.passed_over += 1
+        if self._paused:
+            self._paused[0].passed_over += 1
         interactive_tokens = sum(len(item.ids) for item in batch if item.interactive)
-        return _Job(batch, batch[0].interactive, interactive_tokens / tokens if tokens else 0.0)
+        job = _Job(batch, interactive_tokens > 0, interactive_tokens / tokens if tokens else 0.0)
+        if batch[0].passed_over >= MAX_PASSED_OVER:
+            job.passed_over = batch[0].passed_over  # led by an aged input: runs to the end
+        return job
 
     def _select(self) -> tuple[list[_Input], int, int]:
-        """The head input (first in turn order) and the inputs that fit with it: (batch, cost, budget)."""
+        """The head input and the inputs that fit with it, in turn order: (batch, cost, budget).
+
+        The head is the first input in turn order, or an aged bulk input (with the full budget).
+        """
         candidates = itertools.islice(self._in_turn_order(), SCAN_LIMIT)
-        head = next(candidates)
+        first = next(candidates)
+        head = first
+        oldest_bulk = next(self._live(self._bulk), None)
+        if first.interactive and oldest_bulk is not None and oldest_bulk.passed_over >= MAX_PASSED_OVER:
+            head, candidates = oldest_bulk, itertools.chain([first], candidates)
         budget = self.interactive_batch_tokens if head.interactive else self.max_batch_tokens
         batch, longest, real = [head], len(head.ids), len(head.ids)
         for item in candidates:
+            if item is head:
+                continue
             full = real >= budget if self.packed else longest * (len(batch) + 1) > budget
             if full:
                 break  # no input, however short, fits any more
