@@ -365,7 +365,7 @@ class TokenBudgetBatcher:
     def _select(self) -> tuple[list[_Input], int, int]:
         """The head input and the inputs that fit with it, in turn order: (batch, cost, budget).
 
-        The head is the first input in turn order, or an aged bulk input.
+        The head is the first input in turn order, or an aged bulk input (with the full budget).
         """
         candidates = itertools.islice(self._in_turn_order(), SCAN_LIMIT)
         first = next(candidates)
@@ -373,8 +373,7 @@ class TokenBudgetBatcher:
         oldest_bulk = next(self._live(self._bulk), None)
         if first.interactive and oldest_bulk is not None and oldest_bulk.passed_over >= MAX_PASSED_OVER:
             head, candidates = oldest_bulk, itertools.chain([first], candidates)
-        # interactive work waiting (leading, or behind an aged input): a quick batch
-        budget = self.interactive_batch_tokens if first.interactive else self.max_batch_tokens
+        budget = self.interactive_batch_tokens if head.interactive else self.max_batch_tokens
         batch, longest, real = [head], len(head.ids), len(head.ids)
         for item in candidates:
             if item is head:

@@ -106,21 +106,21 @@ def test_a_query_batch_is_topped_up_with_bulk_inputs_that_fit():
 
 
 def test_a_bulk_input_too_long_for_query_batches_still_runs_under_a_stream_of_queries():
-    """Ageing: passed over twice, the oldest bulk input leads the next batch."""
+    """Ageing: passed over twice, the oldest bulk input leads the next batch (a query rides in it)."""
     model = FakeModel()
     batcher = TokenBudgetBatcher(model.start_batch, 4, max_batch_tokens=256, max_batch_wait_s=0, packed=True,
-                                 interactive_batch_tokens=96, interactive_max_share=0.9)
+                                 interactive_batch_tokens=64, interactive_max_share=0.9)
 
     async def main():
-        long = asyncio.create_task(batcher.embed(inputs(60, first=1), "bulk"))  # never fits beside a query
+        long = asyncio.create_task(batcher.embed(inputs(200, first=1), "bulk"))  # never fits 64 tokens
         short = asyncio.create_task(batcher.embed(inputs(*[20] * 6, first=2), "bulk"))  # fits beside a query
-        queries = [asyncio.create_task(batcher.embed(inputs(50, first=10 + k), "interactive")) for k in range(6)]
+        queries = [asyncio.create_task(batcher.embed(inputs(40, first=10 + k), "interactive")) for k in range(6)]
         await asyncio.gather(long, short, *queries)
 
     run(main())
     batches = [[len(ids) for ids in batch] for batch in model.batches]
-    # the share cap alone would not let it in: queries use 5/9 of the compute, under 0.9
-    assert batches[:3] == [[50, 20, 20], [50, 20, 20], [60, 20]]
+    # the share cap alone would not let it in: queries use 2/3 of the compute, under 0.9
+    assert batches[:3] == [[40, 20], [40, 20], [200, 40]]
 
 
 def test_concurrent_callers_share_batches_and_get_their_own_rows():
