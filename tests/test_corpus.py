@@ -426,4 +426,6 @@ def test_benchmark_mode_compares_with_sentence_transformers(cluster, tiny_model_
     assert "sentence-transformers encode" in out and "corpus job, encoders loaded" in out
     assert result["texts"] == 800 and result["tokens"] > 0
     assert result["corpus_tokens_per_s"] > 0 and result["st_tokens_per_s"] > 0
-    assert result["ratio"] == pytest.approx(result["corpus_tokens_per_s_steady"] / result["st_tokens_per_s"], rel=1e-2)
+    # the ratio is printed to 3 decimals; on this tiny input the job is mostly start-up, so it is small
+    assert result["ratio"] == pytest.approx(result["corpus_tokens_per_s_steady"] / result["st_tokens_per_s"], rel=1e-2,
+                                            abs=1e-3)
