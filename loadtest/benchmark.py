@@ -306,6 +306,7 @@ async def main(args) -> dict:
     import torch
 
     from serve_app import Encoder
+    from serve_app.config import ServiceConfig
 
     torch.set_num_threads(args.threads or torch.get_num_threads())
     encoder = Encoder.from_pretrained(args.model, device=args.device, dtype=args.dtype,
@@ -320,8 +321,6 @@ async def main(args) -> dict:
                         "requests": len(workload), "tokens": total_tokens,
                         "kinds": {k: sum(r.kind == k for r in workload) for k in ("query", "passages", "long")}}}
     print(json.dumps(report, indent=1), flush=True)
-    from serve_app.config import ServiceConfig
-
     # the service's scheduling defaults, but for what the command line sets
     config = ServiceConfig(max_batch_wait_ms=args.max_batch_wait_ms, interactive_batch_tokens=args.interactive_batch_tokens)
     in_process = InProcess(encoder, config)

@@ -12,11 +12,9 @@ from typing import Sequence
 import torch
 
 
-def batch_cost(lengths: Sequence[int], packed: bool) -> int:
-    """Tokens the model computes for one batch of inputs of these lengths."""
-    if packed:
-        return sum(lengths)
-    return max(lengths) * len(lengths) if lengths else 0
+def batch_cost(rows: int, longest: int, tokens: int, packed: bool) -> int:
+    """Tokens the model computes for ``rows`` inputs, ``tokens`` in all, the longest ``longest``."""
+    return tokens if packed else longest * rows
 
 
 def plan_batches(lengths: Sequence[int], max_batch_tokens: int, packed: bool = False) -> list[list[int]]:
@@ -32,8 +30,7 @@ def plan_batches(lengths: Sequence[int], max_batch_tokens: int, packed: bool = F
     total = 0
     for i in order:
         longest = lengths[current[0]] if current else lengths[i]
-        cost = total + lengths[i] if packed else longest * (len(current) + 1)
-        if current and cost > max_batch_tokens:
+        if current and batch_cost(len(current) + 1, longest, total + lengths[i], packed) > max_batch_tokens:
             batches.append(current)
             current, total = [], 0
         current.append(i)

@@ -170,7 +170,7 @@ class EmbedParts:
                  max_batch_tokens: int | None, dimensions: int | None, read_kwargs: dict | None = None):
         import torch
 
-        from .encoder import Encoder
+        from .encoder import Encoder, dtype_name
 
         _configure_logging()
         if device == "auto":
@@ -181,6 +181,7 @@ class EmbedParts:
         self.encoder = Encoder.from_pretrained(model, device=device, dtype=dtype, max_input_tokens=max_input_tokens,
                                                max_batch_tokens=max_batch_tokens)
         self.encoder.warm_up()
+        self.dtype = dtype_name(self.encoder.dtype)  # reported per part: "auto" may differ between nodes
         self.dimensions = dimensions
         self.read_kwargs = read_kwargs  # set: this actor reads and tokenises its parts itself
         self.ready_at = time.time()  # model loaded: benchmarks time from here, as they time ST's encode
@@ -203,7 +204,7 @@ class EmbedParts:
             part["token_lengths"] = lengths
             part["embed_s"] = time.perf_counter() - started
             part["ready_at"] = self.ready_at
-            part["dtype"] = str(self.encoder.dtype).removeprefix("torch.")
+            part["dtype"] = self.dtype
             log.debug("part %d: %d rows read and tokenised in %.2fs, embedded in %.2fs", part["part"],
                       len(lengths), part["read_s"], part["embed_s"])
         return _pack(parts, batch.schema.field("ids").type.value_type)
@@ -526,7 +527,7 @@ def benchmark(args: argparse.Namespace) -> dict:
 
     from sentence_transformers import SentenceTransformer
 
-    from .encoder import parse_dtype
+    from .encoder import dtype_name, parse_dtype
 
     device = args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
     # the dtype the job's encoders ran in (ST alone would follow config.json)
@@ -539,7 +540,7 @@ def benchmark(args: argparse.Namespace) -> dict:
     st_s = time.perf_counter() - started
     st_tps = job["tokens"] / st_s
     result = {
-        "texts": len(texts), "tokens": job["tokens"], "device": device, "dtype": str(dtype).removeprefix("torch."),
+        "texts": len(texts), "tokens": job["tokens"], "device": device, "dtype": dtype_name(dtype),
         "torch_threads": torch.get_num_threads(),
         "st_s": round(st_s, 3), "st_tokens_per_s": round(st_tps, 1), "st_batch_size": args.st_batch_size,
         **{f"corpus_{k}": job[k] for k in ("steady_s", "pipeline_s", "wall_s", "tokens_per_s_steady",

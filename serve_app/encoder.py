@@ -50,6 +50,11 @@ def default_dtype(device: torch.device) -> torch.dtype:
     return torch.float32
 
 
+def dtype_name(dtype: torch.dtype) -> str:
+    """``bfloat16``, ``float32``, ...: as logs, summaries and ``--dtype`` write it."""
+    return str(dtype).removeprefix("torch.")
+
+
 def parse_dtype(dtype: str | torch.dtype | None, device: torch.device) -> torch.dtype:
     """``auto`` (or None): ``$KALM_DTYPE`` if set, else :func:`default_dtype`."""
     if dtype is None or dtype == "auto":
@@ -120,7 +125,7 @@ class Encoder:
             log.warning("%s is a stand-in checkpoint with RANDOM weights, not the real model", files.path)
         log.info(
             "model loaded: source=%s device=%s dtype=%s pooling=%s normalize=%s max_input_tokens=%d seconds=%.2f",
-            files.path, device, str(torch_dtype).removeprefix("torch."), files.pooling, files.normalize,
+            files.path, device, dtype_name(torch_dtype), files.pooling, files.normalize,
             tokenizer.max_input_tokens, time.perf_counter() - started,
         )
         return cls(files, model, tokenizer, device, torch_dtype, max_batch_tokens)
@@ -191,12 +196,11 @@ class BatchRun:
         self.rows = len(token_ids)
         self.tokens = sum(len(ids) for ids in token_ids)
         if encoder.packed:
-            input_ids, self.spans = pack_batch(token_ids)
-            self.inputs = {"input_ids": input_ids.to(encoder.device), "spans": self.spans}
+            input_ids, spans = pack_batch(token_ids)
+            self.inputs = {"input_ids": input_ids.to(encoder.device), "spans": spans}
             self.computed_tokens = self.tokens
         else:
             input_ids, attention_mask = pad_batch(token_ids, encoder.tokenizer.pad_token_id)
-            self.spans = None
             self.inputs = {"input_ids": input_ids.to(encoder.device, non_blocking=True),
                            "attention_mask": attention_mask.to(encoder.device, non_blocking=True)}
             self.computed_tokens = input_ids.numel()
@@ -219,8 +223,8 @@ class BatchRun:
                         return False
                 hidden = model.end(self._state)
                 self._state = None
-            if self.spans is not None:
-                hidden, attention_mask = unpack_hidden(hidden, self.spans)
+            if "spans" in self.inputs:
+                hidden, attention_mask = unpack_hidden(hidden, self.inputs["spans"])
             else:
                 attention_mask = self.inputs["attention_mask"]
             vectors = pool(hidden, attention_mask, self.encoder.files.pooling).cpu().numpy()

@@ -45,6 +45,7 @@ from typing import Callable, Iterator, Protocol, Sequence
 
 import numpy as np
 
+from .batching import batch_cost
 from .encoder import BatchStats
 from .errors import OverloadedError
 
@@ -378,18 +379,17 @@ class TokenBudgetBatcher:
         for item in candidates:
             if item is head:
                 continue
-            full = real >= budget if self.packed else longest * (len(batch) + 1) > budget
-            if full:
+            if batch_cost(len(batch) + 1, longest, real + 1, self.packed) > budget:
                 break  # no input, however short, fits any more
             new_longest = max(longest, len(item.ids))
-            cost = real + len(item.ids) if self.packed else new_longest * (len(batch) + 1)
+            cost = batch_cost(len(batch) + 1, new_longest, real + len(item.ids), self.packed)
             if cost > budget:
                 continue
             if 1 - (real + len(item.ids)) / cost > self.max_padding_fraction:
                 continue
             batch.append(item)
             longest, real = new_longest, real + len(item.ids)
-        return batch, (real if self.packed else longest * len(batch)), budget
+        return batch, batch_cost(len(batch), longest, real, self.packed), budget
 
     @staticmethod
     def _live(lane: deque) -> Iterator[_Input]:
