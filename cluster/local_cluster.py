@@ -81,11 +81,17 @@ def start(args: argparse.Namespace) -> int:
     worker_args = {"num_cpus": args.cpus_per_worker, "num_gpus": args.gpus_per_worker}
     cluster = None
     try:
-        cluster = Cluster(initialize_head=True, head_node_args={
-            "num_cpus": args.head_cpus, "gcs_server_port": port, "include_dashboard": args.dashboard,
-            "temp_dir": temp_dir, "metrics_export_port": free_port(),
-            "dashboard_host": "127.0.0.1",
-        })
+        cluster = Cluster(
+            initialize_head=True,
+            head_node_args={
+                "num_cpus": args.head_cpus,
+                "gcs_server_port": port,
+                "include_dashboard": args.dashboard,
+                "temp_dir": temp_dir,
+                "metrics_export_port": free_port(),
+                "dashboard_host": "127.0.0.1",
+            },
+        )
         for _ in range(args.workers):
             cluster.add_node(**worker_args, metrics_export_port=free_port())
         cluster.wait_for_nodes()
@@ -93,23 +99,27 @@ def start(args: argparse.Namespace) -> int:
         address = cluster.address
         STATE.write_text(json.dumps({"pid": os.getpid(), "address": address, "temp_dir": temp_dir}))
         model = os.environ.get("KALM_MODEL")
-        print(f"""
+        print(
+            f"""
 Ray cluster up: a head ({args.head_cpus} CPU) and {args.workers} worker(s) ({args.cpus_per_worker} CPU, \
 {args.gpus_per_worker} GPU slot each), GCS at {address}; logs under {temp_dir}.
-Model for the app (KALM_MODEL in the cluster's environment): {model or 'not set: the hub id (needs the hub)'}
+Model for the app (KALM_MODEL in the cluster's environment): {model or "not set: the hub id (needs the hub)"}
 
 Deploy onto it, from the repository root in another shell:
 
   export RAY_ADDRESS={address} RAY_AUTH_MODE=token RAY_AUTH_TOKEN={token}
   serve run cluster/config.yaml        # Ctrl-C takes the app down; the cluster stays
 
-  curl -s 127.0.0.1:8000/health        # any node's proxy{'' if not args.worker_proxy_port else
-                                                          f"; the workers' on :{args.worker_proxy_port}"}
+  curl -s 127.0.0.1:8000/health        # any node's proxy{
+                "" if not args.worker_proxy_port else f"; the workers' on :{args.worker_proxy_port}"
+            }
   serve status                         # replicas and where they run (with RAY_ADDRESS set)
 
 Try losing a node: python cluster/local_cluster.py remove-worker (add-worker to get one back).
 Stop everything: Ctrl-C here, or python cluster/local_cluster.py stop.
-READY {address}""", flush=True)
+READY {address}""",
+            flush=True,
+        )
         while not stop.is_set():
             stop.wait(0.5)
             while requests:
@@ -169,8 +179,9 @@ def signal_running(sig: int, wait_s: float | None = None) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("start", help="start a head and N workers; runs until Ctrl-C or `stop`")
     p.add_argument("--workers", type=int, default=2, help="worker nodes (default 2)")

@@ -1,8 +1,8 @@
 #!/usr/bin/env python
 """Copy cluster/config.yaml into the KubeRay manifest's serveConfigV2 (with `host: 0.0.0.0`).
 
-    python cluster/sync_kuberay.py          # rewrite cluster/kuberay-rayservice.yaml
-    python cluster/sync_kuberay.py --check  # exit 1 if it is out of date (what the tests check)
+python cluster/sync_kuberay.py          # rewrite cluster/kuberay-rayservice.yaml
+python cluster/sync_kuberay.py --check  # exit 1 if it is out of date (what the tests check)
 """
 
 from __future__ import annotations
@@ -27,8 +27,10 @@ def serve_config_for_pods(config_text: str) -> str:
 def synced_manifest(manifest_text: str, config_text: str) -> str:
     head, rest = manifest_text.split(START, 1)
     _, tail = rest.split(END, 1)
-    block = "".join(("    " + line if line.strip() else "\n")
-                    for line in serve_config_for_pods(config_text).splitlines(keepends=True))
+    block = "".join(
+        ("    " + line if line.strip() else "\n")
+        for line in serve_config_for_pods(config_text).splitlines(keepends=True)
+    )
     return head + START + block + END + tail
 
 

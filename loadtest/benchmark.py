@@ -34,8 +34,10 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from serve_app.checkpoint import KALM_QUERY_INSTRUCTION  # noqa: E402
-from traffic import make_text, pick_language  # noqa: E402  (loadtest/, the load test's texts)
+from traffic import make_text, pick_language
+
+from serve_app.core.checkpoint import KALM_QUERY_INSTRUCTION
+
 
 @dataclass(frozen=True)
 class Request:
@@ -83,9 +85,16 @@ class RunResult:
 
     def summary(self) -> dict:
         every = [x for xs in self.latencies_s.values() for x in xs]
-        out = {"name": self.name, "concurrency": self.concurrency, "requests": self.requests, "tokens": self.tokens,
-               "wall_s": round(self.wall_s, 2), "tokens_per_s": round(self.tokens / self.wall_s, 1),
-               "requests_per_s": round(self.requests / self.wall_s, 2), **percentiles(every)}
+        out = {
+            "name": self.name,
+            "concurrency": self.concurrency,
+            "requests": self.requests,
+            "tokens": self.tokens,
+            "wall_s": round(self.wall_s, 2),
+            "tokens_per_s": round(self.tokens / self.wall_s, 1),
+            "requests_per_s": round(self.requests / self.wall_s, 2),
+            **percentiles(every),
+        }
         for kind, xs in sorted(self.latencies_s.items()):
             out[kind] = percentiles(xs)
         if self.batches:
@@ -97,8 +106,13 @@ def percentiles(xs: list[float]) -> dict:
     if not xs:
         return {}
     a = np.array(xs) * 1e3
-    return {"p50_ms": round(float(np.percentile(a, 50)), 1), "p95_ms": round(float(np.percentile(a, 95)), 1),
-            "p99_ms": round(float(np.percentile(a, 99)), 1), "max_ms": round(float(a.max()), 1), "n": len(xs)}
+    return {
+        "p50_ms": round(float(np.percentile(a, 50)), 1),
+        "p95_ms": round(float(np.percentile(a, 95)), 1),
+        "p99_ms": round(float(np.percentile(a, 99)), 1),
+        "max_ms": round(float(a.max()), 1),
+        "n": len(xs),
+    }
 
 
 async def drive(workload: list[Request], concurrency: int, call) -> tuple[dict, int, float]:
@@ -125,7 +139,7 @@ class InProcess:
     """The replica's path without Ray or HTTP: tokenise, TokenBudgetBatcher, Encoder."""
 
     def __init__(self, encoder, config):
-        from serve_app.scheduler import TokenBudgetBatcher
+        from serve_app.batching.scheduler import TokenBudgetBatcher
 
         self.encoder = encoder
         self.interactive_max_tokens = config.interactive_max_tokens
@@ -134,10 +148,14 @@ class InProcess:
 
     async def call(self, req: Request, priority: str | None = None) -> int:
         tok = self.encoder.tokenizer
-        ids = [t.ids for t in await asyncio.to_thread(
-            tok.encode_texts, list(req.texts), tok.prompt_for(req.instruction), True)]
+        ids = [
+            t.ids
+            for t in await asyncio.to_thread(tok.encode_texts, list(req.texts), tok.prompt_for(req.instruction), True)
+        ]
         n = sum(map(len, ids))
-        result = await self.batcher.embed(ids, priority or ("interactive" if n <= self.interactive_max_tokens else "bulk"))
+        result = await self.batcher.embed(
+            ids, priority or ("interactive" if n <= self.interactive_max_tokens else "bulk")
+        )
         self.results.append((req.kind, result))
         return n
 
@@ -155,8 +173,12 @@ class InProcess:
 def batch_summary(batches: float, rows: float, tokens: float, padded: float) -> dict:
     if not batches:
         return {}
-    return {"batches": int(batches), "mean_rows": round(rows / batches, 2), "mean_tokens": round(padded / batches, 1),
-            "padding_fraction": round(1 - tokens / padded, 4) if padded else 0.0}
+    return {
+        "batches": int(batches),
+        "mean_rows": round(rows / batches, 2),
+        "mean_tokens": round(padded / batches, 1),
+        "padding_fraction": round(1 - tokens / padded, 4) if padded else 0.0,
+    }
 
 
 class Served:
@@ -167,8 +189,9 @@ class Served:
 
         self.url = url.rstrip("/")
         headers = {"authorization": f"Bearer {api_key}"} if api_key else {}
-        self.client = httpx.AsyncClient(timeout=600, headers=headers,
-                                        limits=httpx.Limits(max_connections=256, max_keepalive_connections=256))
+        self.client = httpx.AsyncClient(
+            timeout=600, headers=headers, limits=httpx.Limits(max_connections=256, max_keepalive_connections=256)
+        )
         self.model = model
         self.ray_address = ray_address
 
@@ -244,11 +267,18 @@ def core_efficiency(encoder, passages: list[str], matmul: float) -> dict:
     mean_len_per_token = sum(n * n for n in lengths) / sum(lengths)
     flops = sum(lengths) * flops_per_token(encoder.files.config, mean_len_per_token)
     achieved = flops / seconds / 1e9
-    return {"texts": len(ids), "tokens": sum(lengths), "seconds": round(seconds, 2),
-            "tokens_per_s": round(sum(lengths) / seconds, 1), "gflops": round(achieved, 1),
-            "matmul_gflops": round(matmul, 1), "fraction_of_matmul": round(achieved / matmul, 3),
-            "matmul_implied_tokens_per_s": round(matmul * 1e9 / flops_per_token(encoder.files.config,
-                                                                              mean_len_per_token), 1)}
+    return {
+        "texts": len(ids),
+        "tokens": sum(lengths),
+        "seconds": round(seconds, 2),
+        "tokens_per_s": round(sum(lengths) / seconds, 1),
+        "gflops": round(achieved, 1),
+        "matmul_gflops": round(matmul, 1),
+        "fraction_of_matmul": round(achieved / matmul, 3),
+        "matmul_implied_tokens_per_s": round(
+            matmul * 1e9 / flops_per_token(encoder.files.config, mean_len_per_token), 1
+        ),
+    }
 
 
 async def lone_query(call, req: Request, repeats: int) -> dict:
@@ -261,8 +291,9 @@ async def lone_query(call, req: Request, repeats: int) -> dict:
     return percentiles(times)
 
 
-async def priority_scenario(call, workload: list[Request], bulk_clients: int, query_interval_s: float,
-                            duration_s: float, prioritise: bool) -> dict:
+async def priority_scenario(
+    call, workload: list[Request], bulk_clients: int, query_interval_s: float, duration_s: float, prioritise: bool
+) -> dict:
     """Saturating bulk passages plus a steady trickle of single queries, for ``duration_s``."""
     queries = [r for r in workload if r.kind == "query"]
     bulk = [r for r in workload if r.kind == "passages"]
@@ -286,8 +317,7 @@ async def priority_scenario(call, workload: list[Request], bulk_clients: int, qu
     async def query_trickle():
         tasks, i = [], 0
         while time.perf_counter() < stop:
-            tasks.append(asyncio.create_task(one(queries[i % len(queries)], "query",
-                                                 None if prioritise else "bulk")))
+            tasks.append(asyncio.create_task(one(queries[i % len(queries)], "query", None if prioritise else "bulk")))
             i += 1
             await asyncio.sleep(query_interval_s)
         await asyncio.gather(*tasks)
@@ -295,8 +325,13 @@ async def priority_scenario(call, workload: list[Request], bulk_clients: int, qu
     started = time.perf_counter()
     await asyncio.gather(query_trickle(), *(bulk_client(k) for k in range(bulk_clients)))
     wall = time.perf_counter() - started
-    return {"scheduling": "on" if prioritise else "off", "tokens_per_s": round(tokens / wall, 1),
-            "wall_s": round(wall, 1), "query": percentiles(lat["query"]), "passages": percentiles(lat["passages"])}
+    return {
+        "scheduling": "on" if prioritise else "off",
+        "tokens_per_s": round(tokens / wall, 1),
+        "wall_s": round(wall, 1),
+        "query": percentiles(lat["query"]),
+        "passages": percentiles(lat["passages"]),
+    }
 
 
 # --- main --------------------------------------------------------------------------------
@@ -309,20 +344,36 @@ async def main(args) -> dict:
     from serve_app.config import ServiceConfig
 
     torch.set_num_threads(args.threads or torch.get_num_threads())
-    encoder = Encoder.from_pretrained(args.model, device=args.device, dtype=args.dtype,
-                                      max_batch_tokens=args.max_batch_tokens)
+    encoder = Encoder.from_pretrained(
+        args.model, device=args.device, dtype=args.dtype, max_batch_tokens=args.max_batch_tokens
+    )
     n_requests = max(8, int(40 * args.scale))
     workload = make_workload(n_requests, seed=args.seed)
-    total_tokens = sum(len(t.ids) for r in workload for t in encoder.tokenizer.encode_texts(
-        list(r.texts), encoder.tokenizer.prompt_for(r.instruction), truncate=True))
-    report: dict = {"model": str(encoder.files.path), "standin": encoder.files.is_standin,
-                    "device": str(encoder.device), "dtype": str(encoder.dtype), "torch_threads": torch.get_num_threads(),
-                    "max_batch_tokens": encoder.max_batch_tokens, "workload": {
-                        "requests": len(workload), "tokens": total_tokens,
-                        "kinds": {k: sum(r.kind == k for r in workload) for k in ("query", "passages", "long")}}}
+    total_tokens = sum(
+        len(t.ids)
+        for r in workload
+        for t in encoder.tokenizer.encode_texts(
+            list(r.texts), encoder.tokenizer.prompt_for(r.instruction), truncate=True
+        )
+    )
+    report: dict = {
+        "model": str(encoder.files.path),
+        "standin": encoder.files.is_standin,
+        "device": str(encoder.device),
+        "dtype": str(encoder.dtype),
+        "torch_threads": torch.get_num_threads(),
+        "max_batch_tokens": encoder.max_batch_tokens,
+        "workload": {
+            "requests": len(workload),
+            "tokens": total_tokens,
+            "kinds": {k: sum(r.kind == k for r in workload) for k in ("query", "passages", "long")},
+        },
+    }
     print(json.dumps(report, indent=1), flush=True)
     # the service's scheduling defaults, but for what the command line sets
-    config = ServiceConfig(max_batch_wait_ms=args.max_batch_wait_ms, interactive_batch_tokens=args.interactive_batch_tokens)
+    config = ServiceConfig(
+        max_batch_wait_ms=args.max_batch_wait_ms, interactive_batch_tokens=args.interactive_batch_tokens
+    )
     in_process = InProcess(encoder, config)
     served = Served(args.url, args.served_model, args.api_key, args.ray_address) if args.url else None
     if served:
@@ -350,15 +401,23 @@ async def main(args) -> dict:
             if served:
                 before_m = await served.batch_counters()
                 lat, tokens, wall = await drive(workload, c, served.call)
-                run = RunResult("served", c, len(workload), tokens, wall, lat,
-                                Served.batch_stats_between(before_m, await served.batch_counters()))
+                run = RunResult(
+                    "served",
+                    c,
+                    len(workload),
+                    tokens,
+                    wall,
+                    lat,
+                    Served.batch_stats_between(before_m, await served.batch_counters()),
+                )
                 report["runs"].append(run.summary())
                 print(json.dumps(run.summary()), flush=True)
         top = max(concurrencies)
         by = {r["name"]: r for r in report["runs"] if r["concurrency"] == top}
         if "served" in by:
             report["served_over_in_process_at_saturation"] = round(
-                by["served"]["tokens_per_s"] / by["in_process"]["tokens_per_s"], 3)
+                by["served"]["tokens_per_s"] / by["in_process"]["tokens_per_s"], 3
+            )
 
     if args.scenario in ("priority", "all"):
         report["priority"] = []
@@ -367,8 +426,9 @@ async def main(args) -> dict:
             for on in (True, False):
                 before, in_process.results = in_process.snapshot(), []
                 preemptions = in_process.batcher.stats.preemptions
-                result = await priority_scenario(call, workload, args.bulk_clients, args.query_interval_s,
-                                                 args.priority_duration_s, prioritise=on)
+                result = await priority_scenario(
+                    call, workload, args.bulk_clients, args.query_interval_s, args.priority_duration_s, prioritise=on
+                )
                 result["target"] = name
                 if name == "in_process":
                     result["batches"] = in_process.batch_stats_since(before)
@@ -390,8 +450,10 @@ def parse_args(argv=None):
     p.add_argument("--url", help="OpenAI-compatible base URL to benchmark as well, e.g. http://127.0.0.1:8000")
     p.add_argument("--served-model", help="model id to send (default: first of /v1/models)")
     p.add_argument("--api-key")
-    p.add_argument("--ray-address", help="Ray cluster of the service (e.g. auto): served batch statistics are "
-                   "read from its KalmEncoder replica")
+    p.add_argument(
+        "--ray-address",
+        help="Ray cluster of the service (e.g. auto): served batch statistics are read from its KalmEncoder replica",
+    )
     p.add_argument("--concurrency", default="1,4,16")
     p.add_argument("--scale", type=float, default=1.0, help="workload size (1.0 = 40 requests)")
     p.add_argument("--seed", type=int, default=0)
@@ -400,8 +462,11 @@ def parse_args(argv=None):
     p.add_argument("--threads", type=int)
     p.add_argument("--max-batch-tokens", type=int, help="in-process token budget (default: the encoder's)")
     p.add_argument("--max-batch-wait-ms", type=float, default=2.0)
-    p.add_argument("--interactive-batch-tokens", type=int, help="in-process budget of a batch led by interactive "
-                   "work (default: the service's)")
+    p.add_argument(
+        "--interactive-batch-tokens",
+        type=int,
+        help="in-process budget of a batch led by interactive work (default: the service's)",
+    )
     p.add_argument("--scenario", choices=["throughput", "priority", "all"], default="throughput")
     p.add_argument("--bulk-clients", type=int, default=8)
     p.add_argument("--query-interval-s", type=float, default=1.0)

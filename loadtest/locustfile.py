@@ -20,10 +20,9 @@ import itertools
 import time
 
 import gevent.lock
+import traffic
 from locust import FastHttpUser, events, task
 from locust.exception import CatchResponseError
-
-import traffic
 
 #: What the users send. The runner sets it (``configure``); ``locust -f`` fills it from its options.
 SETTINGS: traffic.Settings | None = None
@@ -102,14 +101,26 @@ class EmbeddingsUser(FastHttpUser):
             IN_FLIGHT.pop(id(self), None)
 
     def _post(self, planned: traffic.PlannedRequest, context: dict) -> None:
-        with self.client.post("/v1/embeddings", json=planned.body, headers=self.headers,
-                              name=f"embeddings:{planned.kind}", context=context,
-                              catch_response=True) as response:
-            verdict = traffic.check_answer(response.status_code, response.headers, response.content, planned,
-                                           self.settings.norm_tolerance, error=getattr(response, "error", None))
+        with self.client.post(
+            "/v1/embeddings",
+            json=planned.body,
+            headers=self.headers,
+            name=f"embeddings:{planned.kind}",
+            context=context,
+            catch_response=True,
+        ) as response:
+            verdict = traffic.check_answer(
+                response.status_code,
+                response.headers,
+                response.content,
+                planned,
+                self.settings.norm_tolerance,
+                error=getattr(response, "error", None),
+            )
             # the request event carries these to the runner (and to any other listener)
-            response.request_meta["context"].update(outcome=verdict.outcome, tokens=verdict.tokens,
-                                                    detail=verdict.message)
+            response.request_meta["context"].update(
+                outcome=verdict.outcome, tokens=verdict.tokens, detail=verdict.message
+            )
             if verdict.ok:
                 response.success()
             elif verdict.outcome == traffic.OVERLOAD:

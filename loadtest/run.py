@@ -26,24 +26,23 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-import locustfile  # noqa: E402  (imports locust, which patches the standard library for gevent)
-import traffic  # noqa: E402
+import argparse
+import csv
+import json
+import logging
+import math
+import time
+from collections import Counter, defaultdict
+from dataclasses import asdict, dataclass
+from pathlib import Path
 
-import argparse  # noqa: E402
-import csv  # noqa: E402
-import json  # noqa: E402
-import logging  # noqa: E402
-import math  # noqa: E402
-import time  # noqa: E402
-from collections import Counter, defaultdict  # noqa: E402
-from dataclasses import asdict, dataclass  # noqa: E402
-from pathlib import Path  # noqa: E402
-
-import gevent  # noqa: E402
-from locust import events  # noqa: E402
-from locust.env import Environment  # noqa: E402
-from locust.html import get_html_report  # noqa: E402
-from locust.stats import CSV_STATS_INTERVAL_SEC, PERCENTILES_TO_REPORT, StatsCSVFileWriter, stats_history  # noqa: E402
+import gevent
+import locustfile
+import traffic
+from locust import events
+from locust.env import Environment
+from locust.html import get_html_report
+from locust.stats import CSV_STATS_INTERVAL_SEC, PERCENTILES_TO_REPORT, StatsCSVFileWriter, stats_history
 
 RESULTS = Path(__file__).resolve().parent / "results"
 log = logging.getLogger("loadtest")
@@ -54,11 +53,11 @@ log = logging.getLogger("loadtest")
 
 @dataclass(frozen=True)
 class Sample:
-    t: float          # completion time (epoch seconds)
-    ms: float         # response time
-    kind: str         # query | docs
-    outcome: str      # ok | overload | failure kind
-    tokens: int       # usage.total_tokens of a right answer
+    t: float  # completion time (epoch seconds)
+    ms: float  # response time
+    kind: str  # query | docs
+    outcome: str  # ok | overload | failure kind
+    tokens: int  # usage.total_tokens of a right answer
 
 
 class Recorder:
@@ -73,8 +72,9 @@ class Recorder:
         outcome = ctx.get("outcome") or (traffic.OK if exception is None else "error")
         if outcome != traffic.OK and outcome not in self.examples:
             self.examples[outcome] = ctx.get("detail") or repr(exception)
-        self.samples.append(Sample(time.time(), float(response_time), ctx.get("kind", name), outcome,
-                                   int(ctx.get("tokens") or 0)))
+        self.samples.append(
+            Sample(time.time(), float(response_time), ctx.get("kind", name), outcome, int(ctx.get("tokens") or 0))
+        )
 
     def window(self, t0: float, t1: float) -> list[Sample]:
         return [s for s in self.samples if t0 <= s.t < t1]
@@ -140,8 +140,9 @@ class LoadTest:
     def __init__(self, host: str, out: Path, stop_timeout: float):
         self.recorder = Recorder()
         events.request.add_listener(self.recorder.on_request)
-        self.env = Environment(user_classes=[locustfile.EmbeddingsUser], host=host, events=events,
-                               stop_timeout=stop_timeout)
+        self.env = Environment(
+            user_classes=[locustfile.EmbeddingsUser], host=host, events=events, stop_timeout=stop_timeout
+        )
         self.runner = self.env.create_local_runner()
         self.env.events.init.fire(environment=self.env, runner=self.runner, web_ui=None)
         self.out = out
@@ -180,10 +181,13 @@ def progress(test: LoadTest, t0: float, every_s: float, stop: list) -> None:
         now = time.time()
         w = aggregate(test.recorder.window(last, now), now - last)
         total = test.recorder.samples
-        print(f"  [{now - t0:5.0f}s] users {test.runner.user_count:3d}  req/s {w['requests_per_s']:7.2f}  "
-              f"tok/s {w['tokens_per_s']:8.0f}  p95 {_ms(w['p95_ms']):>6} ms  "
-              f"total ok {sum(s.outcome == traffic.OK for s in total)}  overload {w['overload']}  "
-              f"failures {sum(s.outcome not in (traffic.OK, traffic.OVERLOAD) for s in total)}", flush=True)
+        print(
+            f"  [{now - t0:5.0f}s] users {test.runner.user_count:3d}  req/s {w['requests_per_s']:7.2f}  "
+            f"tok/s {w['tokens_per_s']:8.0f}  p95 {_ms(w['p95_ms']):>6} ms  "
+            f"total ok {sum(s.outcome == traffic.OK for s in total)}  overload {w['overload']}  "
+            f"failures {sum(s.outcome not in (traffic.OK, traffic.OVERLOAD) for s in total)}",
+            flush=True,
+        )
         last = now
 
 
@@ -203,8 +207,14 @@ def run_fixed(test: LoadTest, args) -> dict:
     test.finish(graceful=True)
     samples = test.recorder.samples
     end = max([stopping] + [s.t for s in samples])
-    return {"mode": "fixed", "users": args.users, "spawn_rate": args.spawn_rate, "duration_s": args.duration,
-            "total": aggregate(samples, end - t0), "by_kind": by_kind(samples, end - t0)}
+    return {
+        "mode": "fixed",
+        "users": args.users,
+        "spawn_rate": args.spawn_rate,
+        "duration_s": args.duration,
+        "total": aggregate(samples, end - t0),
+        "by_kind": by_kind(samples, end - t0),
+    }
 
 
 def step_passes(step: dict, slo_ms: float) -> bool:
@@ -216,10 +226,16 @@ def run_steps(test: LoadTest, args) -> dict:
     steps: list[dict] = []
     users = args.start_users
     reason = ""
-    print(f"step load: {args.start_users} user(s) +{args.step_users} every {args.step_time:g}s, "
-          f"SLO p95 <= {args.slo_ms:g} ms, at most {args.max_users} users / {args.max_duration:g}s", flush=True)
-    print(f"  {'users':>5} {'req/s':>8} {'tok/s':>8} {'p50 ms':>7} {'p95 ms':>7} {'ok':>6} {'late':>5} "
-          f"{'overload':>8} {'failures':>8}", flush=True)
+    print(
+        f"step load: {args.start_users} user(s) +{args.step_users} every {args.step_time:g}s, "
+        f"SLO p95 <= {args.slo_ms:g} ms, at most {args.max_users} users / {args.max_duration:g}s",
+        flush=True,
+    )
+    print(
+        f"  {'users':>5} {'req/s':>8} {'tok/s':>8} {'p50 ms':>7} {'p95 ms':>7} {'ok':>6} {'late':>5} "
+        f"{'overload':>8} {'failures':>8}",
+        flush=True,
+    )
     while True:
         test.set_users(users, args.spawn_rate)
         w0 = time.time()
@@ -227,20 +243,33 @@ def run_steps(test: LoadTest, args) -> dict:
         w1 = time.time()
         window = test.recorder.window(w0, w1)
         # requests still waiting at the window's end, already past the SLO, count as late answers
-        late = [age for age in ((w1 - started) * 1e3 for started, _ in list(locustfile.IN_FLIGHT.values()))
-                if age > args.slo_ms]
-        step = {"users": users, **aggregate(window, w1 - w0, late), "late": len(late),
-                "by_kind": by_kind(window, w1 - w0)}
+        late = [
+            age
+            for age in ((w1 - started) * 1e3 for started, _ in list(locustfile.IN_FLIGHT.values()))
+            if age > args.slo_ms
+        ]
+        step = {
+            "users": users,
+            **aggregate(window, w1 - w0, late),
+            "late": len(late),
+            "by_kind": by_kind(window, w1 - w0),
+        }
         if step["ok"] == 0 and not late:
             step["p95_ms"] = math.inf  # nothing answered within the step: far past any SLO
         step["within_slo"] = step_passes(step, args.slo_ms)
         steps.append(step)
-        print(f"  {users:5d} {step['requests_per_s']:8.2f} {step['tokens_per_s']:8.0f} {_ms(step['p50_ms']):>7} "
-              f"{_ms(step['p95_ms']):>7} {step['ok']:6d} {step['late']:5d} {step['overload']:8d} "
-              f"{step['failures']:8d}{'' if step['within_slo'] else '  <- past the SLO'}", flush=True)
+        print(
+            f"  {users:5d} {step['requests_per_s']:8.2f} {step['tokens_per_s']:8.0f} {_ms(step['p50_ms']):>7} "
+            f"{_ms(step['p95_ms']):>7} {step['ok']:6d} {step['late']:5d} {step['overload']:8d} "
+            f"{step['failures']:8d}{'' if step['within_slo'] else '  <- past the SLO'}",
+            flush=True,
+        )
         if not step["within_slo"]:
-            reason = (f"p95 {_ms(step['p95_ms'])} ms > SLO {args.slo_ms:g} ms" if step["p95_ms"] > args.slo_ms
-                      else f"{step['failures']} failures, {step['overload']} overload answers")
+            reason = (
+                f"p95 {_ms(step['p95_ms'])} ms > SLO {args.slo_ms:g} ms"
+                if step["p95_ms"] > args.slo_ms
+                else f"{step['failures']} failures, {step['overload']} overload answers"
+            )
             break
         if users + args.step_users > args.max_users:
             reason = f"--max-users {args.max_users} reached within the SLO"
@@ -253,9 +282,16 @@ def run_steps(test: LoadTest, args) -> dict:
     passing = [s for s in steps if s["within_slo"]]
     best = max(passing, key=lambda s: s["requests_per_s"]) if passing else None
     samples = test.recorder.samples
-    return {"mode": "step", "slo_p95_ms": args.slo_ms, "step_time_s": args.step_time, "steps": steps,
-            "stopped_because": reason, "best": best,
-            "total": aggregate(samples, time.time() - t0), "by_kind": by_kind(samples, time.time() - t0)}
+    return {
+        "mode": "step",
+        "slo_p95_ms": args.slo_ms,
+        "step_time_s": args.step_time,
+        "steps": steps,
+        "stopped_because": reason,
+        "best": best,
+        "total": aggregate(samples, time.time() - t0),
+        "by_kind": by_kind(samples, time.time() - t0),
+    }
 
 
 # --- output --------------------------------------------------------------------------------------
@@ -264,17 +300,23 @@ def run_steps(test: LoadTest, args) -> dict:
 def print_summary(summary: dict) -> None:
     t = summary["total"]
     print()
-    print(f"=== load test: {summary['host']}  model {summary['model']} ({summary['expected_dim']}-d)  "
-          f"mix {summary['mix']}  mode {summary['mode']}")
-    print(f"requests   {t['requests']} answered in {t['seconds']:.0f}s: {t['ok']} ok, {t['overload']} overload, "
-          f"{t['failures']} failed")
-    print(f"throughput {t['requests_per_s']:.2f} req/s, {t['tokens_per_s']:.0f} embedded tokens/s "
-          f"({t['tokens']} tokens)")
-    print(f"latency    p50 {_ms(t['p50_ms'])} ms, p95 {_ms(t['p95_ms'])} ms, p99 {_ms(t['p99_ms'])} ms "
-          f"(right answers)")
+    print(
+        f"=== load test: {summary['host']}  model {summary['model']} ({summary['expected_dim']}-d)  "
+        f"mix {summary['mix']}  mode {summary['mode']}"
+    )
+    print(
+        f"requests   {t['requests']} answered in {t['seconds']:.0f}s: {t['ok']} ok, {t['overload']} overload, "
+        f"{t['failures']} failed"
+    )
+    print(
+        f"throughput {t['requests_per_s']:.2f} req/s, {t['tokens_per_s']:.0f} embedded tokens/s ({t['tokens']} tokens)"
+    )
+    print(f"latency    p50 {_ms(t['p50_ms'])} ms, p95 {_ms(t['p95_ms'])} ms, p99 {_ms(t['p99_ms'])} ms (right answers)")
     for kind, k in summary["by_kind"].items():
-        print(f"  {kind:<6} {k['ok']:6d} ok  {k['requests_per_s']:7.2f} req/s  {k['tokens_per_s']:8.0f} tok/s  "
-              f"p50 {_ms(k['p50_ms'])} / p95 {_ms(k['p95_ms'])} / p99 {_ms(k['p99_ms'])} ms")
+        print(
+            f"  {kind:<6} {k['ok']:6d} ok  {k['requests_per_s']:7.2f} req/s  {k['tokens_per_s']:8.0f} tok/s  "
+            f"p50 {_ms(k['p50_ms'])} / p95 {_ms(k['p95_ms'])} / p99 {_ms(k['p99_ms'])} ms"
+        )
     failures = dict(t["failures_by_kind"])
     if summary["locust_exceptions"]:
         failures["locust_exception"] = summary["locust_exceptions"]
@@ -290,20 +332,37 @@ def print_summary(summary: dict) -> None:
         best = summary["best"]
         print(f"step load  stopped: {summary['stopped_because']}")
         if best:
-            print(f"BEST UNDER SLO (p95 <= {summary['slo_p95_ms']:g} ms): {best['users']} users, "
-                  f"{best['requests_per_s']:.2f} req/s, {best['tokens_per_s']:.0f} tokens/s, "
-                  f"p50 {_ms(best['p50_ms'])} ms, p95 {_ms(best['p95_ms'])} ms")
+            print(
+                f"BEST UNDER SLO (p95 <= {summary['slo_p95_ms']:g} ms): {best['users']} users, "
+                f"{best['requests_per_s']:.2f} req/s, {best['tokens_per_s']:.0f} tokens/s, "
+                f"p50 {_ms(best['p50_ms'])} ms, p95 {_ms(best['p95_ms'])} ms"
+            )
         else:
-            print(f"NO STEP MET THE SLO (p95 <= {summary['slo_p95_ms']:g} ms), not even "
-                  f"{summary['steps'][0]['users']} user(s)")
-    print(f"reports    {summary['out']}/ (locust_*.csv, report.html, summary.json"
-          f"{', steps.csv' if summary['mode'] == 'step' else ''})")
+            print(
+                f"NO STEP MET THE SLO (p95 <= {summary['slo_p95_ms']:g} ms), not even "
+                f"{summary['steps'][0]['users']} user(s)"
+            )
+    print(
+        f"reports    {summary['out']}/ (locust_*.csv, report.html, summary.json"
+        f"{', steps.csv' if summary['mode'] == 'step' else ''})"
+    )
     print(f"exit       {summary['exit_status']}")
 
 
 def write_steps_csv(path: Path, steps: list[dict]) -> None:
-    cols = ["users", "requests_per_s", "tokens_per_s", "p50_ms", "p95_ms", "p99_ms", "ok", "late", "overload",
-            "failures", "within_slo"]
+    cols = [
+        "users",
+        "requests_per_s",
+        "tokens_per_s",
+        "p50_ms",
+        "p95_ms",
+        "p99_ms",
+        "ok",
+        "late",
+        "overload",
+        "failures",
+        "within_slo",
+    ]
     with open(path, "w", newline="") as f:
         w = csv.writer(f)
         w.writerow(cols)
@@ -322,23 +381,37 @@ def seconds(text: str) -> float:
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="python loadtest/run.py", description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--host", default=os.environ.get("LOADTEST_HOST", "http://127.0.0.1:8000"),
-                   help="base URL of the service (without /v1) [LOADTEST_HOST]")
+    p = argparse.ArgumentParser(
+        prog="python loadtest/run.py",
+        description=__doc__.split("\n\n")[0],
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    p.add_argument(
+        "--host",
+        default=os.environ.get("LOADTEST_HOST", "http://127.0.0.1:8000"),
+        help="base URL of the service (without /v1) [LOADTEST_HOST]",
+    )
     p.add_argument("-u", "--users", type=int, default=4, help="concurrent clients (fixed mode)")
     p.add_argument("-r", "--spawn-rate", type=float, default=4.0, help="users started per second")
     p.add_argument("-t", "--duration", type=seconds, default=60.0, help="run time (fixed mode): 90, 90s, 2m")
     p.add_argument("--out", type=Path, default=None, help="report folder [default: loadtest/results/TIME-MODE]")
-    p.add_argument("--stop-timeout", type=seconds, default=30.0,
-                   help="fixed mode: how long requests in flight at the end may take to finish")
+    p.add_argument(
+        "--stop-timeout",
+        type=seconds,
+        default=30.0,
+        help="fixed mode: how long requests in flight at the end may take to finish",
+    )
     p.add_argument("--quiet", action="store_true", help="no progress lines")
     p.add_argument("--progress-every", type=seconds, default=5.0, help="seconds between progress lines")
     p.add_argument("-v", "--verbose", action="store_true", help="locust's own INFO logs")
     s = p.add_argument_group("step load")
     s.add_argument("--step", action="store_true", help="raise users until p95 passes --slo-ms")
-    s.add_argument("--slo-ms", type=float, default=float(os.environ.get("LOADTEST_SLO_MS", 500)),
-                   help="p95 latency SLO [LOADTEST_SLO_MS]")
+    s.add_argument(
+        "--slo-ms",
+        type=float,
+        default=float(os.environ.get("LOADTEST_SLO_MS", 500)),
+        help="p95 latency SLO [LOADTEST_SLO_MS]",
+    )
     s.add_argument("--start-users", type=int, default=1)
     s.add_argument("--step-users", type=int, default=1, help="users added per step")
     s.add_argument("--step-time", type=seconds, default=30.0, help="seconds per step (its measuring window)")
@@ -356,8 +429,10 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(
+        level=logging.INFO if args.verbose else logging.WARNING,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
     try:
         settings = traffic.settings_from_args(args)
     except ValueError as exc:
@@ -372,8 +447,11 @@ def main(argv=None) -> int:
     mode = "step" if args.step else "fixed"
     out = args.out or RESULTS / f"{time.strftime('%Y%m%d-%H%M%S')}-{mode}"
     out.mkdir(parents=True, exist_ok=True)
-    print(f"load test of {args.host}: model {settings.model} ({settings.expected_dim}-d), mix {settings.describe_mix()}"
-          + ("" if args.step else f", {args.users} users for {args.duration:g}s"), flush=True)
+    print(
+        f"load test of {args.host}: model {settings.model} ({settings.expected_dim}-d), mix {settings.describe_mix()}"
+        + ("" if args.step else f", {args.users} users for {args.duration:g}s"),
+        flush=True,
+    )
 
     test = LoadTest(args.host, out, stop_timeout=args.stop_timeout)
     result = run_steps(test, args) if args.step else run_fixed(test, args)
@@ -381,10 +459,16 @@ def main(argv=None) -> int:
     exceptions = test.exceptions()
     failed = result["total"]["failures"] + exceptions
     summary = {
-        "host": args.host, "model": settings.model, "expected_dim": settings.expected_dim,
-        "mix": settings.describe_mix(), "settings": {k: v for k, v in asdict(settings).items() if k != "api_key"},
-        **result, "locust_exceptions": exceptions, "failure_examples": test.recorder.examples,
-        "exit_status": 1 if failed else 0, "out": str(out),
+        "host": args.host,
+        "model": settings.model,
+        "expected_dim": settings.expected_dim,
+        "mix": settings.describe_mix(),
+        "settings": {k: v for k, v in asdict(settings).items() if k != "api_key"},
+        **result,
+        "locust_exceptions": exceptions,
+        "failure_examples": test.recorder.examples,
+        "exit_status": 1 if failed else 0,
+        "out": str(out),
     }
     (out / "summary.json").write_text(json.dumps(_json_safe(summary), indent=2, ensure_ascii=False))
     if args.step:

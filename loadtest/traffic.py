@@ -80,8 +80,18 @@ QUESTION_END = {"zh": "？", "ja": "？", "ar": "؟"}
 #: Share of texts per language (English-heavy, as most traffic is).
 LANGUAGE_WEIGHTS = {"en": 40, "zh": 10, "de": 7, "fr": 7, "es": 7, "ru": 7, "ja": 7, "ar": 5, "hi": 5, "ko": 5}
 #: Qwen2 tokens per word, measured with the Qwen2 tokenizer on texts from these lists.
-TOKENS_PER_WORD = {"en": 1.08, "de": 1.45, "fr": 1.3, "es": 1.35, "ru": 1.63, "zh": 1.05, "ja": 1.36,
-                   "ar": 1.72, "hi": 4.95, "ko": 1.84}
+TOKENS_PER_WORD = {
+    "en": 1.08,
+    "de": 1.45,
+    "fr": 1.3,
+    "es": 1.35,
+    "ru": 1.63,
+    "zh": 1.05,
+    "ja": 1.36,
+    "ar": 1.72,
+    "hi": 4.95,
+    "ko": 1.84,
+}
 
 INSTRUCTIONS = [
     "Given a web search query, retrieve relevant passages that answer the query",
@@ -129,13 +139,19 @@ class Corpus:
     passages: list[str]
 
     @classmethod
-    def generate(cls, seed: int, query_tokens: tuple[int, int], passage_tokens: tuple[int, int],
-                 n_queries: int = 2000, n_passages: int = 1000) -> "Corpus":
+    def generate(
+        cls,
+        seed: int,
+        query_tokens: tuple[int, int],
+        passage_tokens: tuple[int, int],
+        n_queries: int = 2000,
+        n_passages: int = 1000,
+    ) -> Corpus:
         rng = random.Random(seed)
-        queries = [make_text(rng, pick_language(rng), rng.randint(*query_tokens), question=True)
-                   for _ in range(n_queries)]
-        passages = [make_text(rng, pick_language(rng), rng.randint(*passage_tokens))
-                    for _ in range(n_passages)]
+        queries = [
+            make_text(rng, pick_language(rng), rng.randint(*query_tokens), question=True) for _ in range(n_queries)
+        ]
+        passages = [make_text(rng, pick_language(rng), rng.randint(*passage_tokens)) for _ in range(n_passages)]
         return cls(queries, passages)
 
 
@@ -179,16 +195,16 @@ class Settings:
     """What to send and how to check it. Defaults come from LOADTEST_* environment variables."""
 
     api_key: str | None = None
-    model: str | None = None                 # None: the first id of GET /v1/models
-    expected_dim: int | None = None          # None: probed once (the length of one float answer)
+    model: str | None = None  # None: the first id of GET /v1/models
+    expected_dim: int | None = None  # None: probed once (the length of one float answer)
     mix: dict[str, float] = field(default_factory=lambda: {"query": 9.0, "docs": 1.0})
-    batch_size: tuple[int, int] = (8, 64)    # texts per document request
+    batch_size: tuple[int, int] = (8, 64)  # texts per document request
     query_tokens: tuple[int, int] = (5, 30)
     passage_tokens: tuple[int, int] = (100, 400)
-    base64_share: float = 0.7                # the openai client asks for base64 unless told otherwise
+    base64_share: float = 0.7  # the openai client asks for base64 unless told otherwise
     dimensions_share: float = 0.25
     dimensions_choices: tuple[int, ...] = (512, 256, 128, 64)
-    extensions: bool = True                  # send `instruction` / `input_type` (off for plain OpenAI)
+    extensions: bool = True  # send `instruction` / `input_type` (off for plain OpenAI)
     seed: int = 1234
     timeout_s: float = 120.0
     norm_tolerance: float = 1e-3
@@ -201,30 +217,68 @@ def add_traffic_arguments(parser) -> None:
     """The traffic options, for the runner's argparse and for ``locust -f`` (same names)."""
     d = Settings()
     g = parser.add_argument_group("traffic (kalm load test)") if hasattr(parser, "add_argument_group") else parser
-    g.add_argument("--api-key", default=None,  # read from the environment later: never shown in --help
-                   help="Bearer key [LOADTEST_API_KEY, else OPENAI_API_KEY]")
+    g.add_argument(
+        "--api-key",
+        default=None,  # read from the environment later: never shown in --help
+        help="Bearer key [LOADTEST_API_KEY, else OPENAI_API_KEY]",
+    )
     g.add_argument("--model", default=_env("MODEL"), help="model id [LOADTEST_MODEL; default: from /v1/models]")
-    g.add_argument("--expected-dim", type=int, default=_env("EXPECTED_DIM"),
-                   help="native embedding size [LOADTEST_EXPECTED_DIM; default: probed once]")
-    g.add_argument("--mix", default=_env("MIX", d.describe_mix()),
-                   help="request kinds and weights, e.g. query=9,docs=1 [LOADTEST_MIX]")
-    g.add_argument("--batch-size", default=_env("BATCH_SIZE", "%d-%d" % d.batch_size),
-                   help="texts per document request, LO-HI [LOADTEST_BATCH_SIZE]")
-    g.add_argument("--query-tokens", default=_env("QUERY_TOKENS", "%d-%d" % d.query_tokens),
-                   help="tokens per query, LO-HI [LOADTEST_QUERY_TOKENS]")
-    g.add_argument("--passage-tokens", default=_env("PASSAGE_TOKENS", "%d-%d" % d.passage_tokens),
-                   help="tokens per passage, LO-HI [LOADTEST_PASSAGE_TOKENS]")
-    g.add_argument("--base64-share", type=float, default=_env("BASE64_SHARE", str(d.base64_share)),
-                   help="share of requests asking for base64 [LOADTEST_BASE64_SHARE]")
-    g.add_argument("--dimensions-share", type=float, default=_env("DIMENSIONS_SHARE", str(d.dimensions_share)),
-                   help="share of requests sending `dimensions` [LOADTEST_DIMENSIONS_SHARE]")
-    g.add_argument("--dimensions-choices", default=_env("DIMENSIONS_CHOICES", ",".join(map(str, d.dimensions_choices))),
-                   help="values for `dimensions` (those above the native size are dropped) [LOADTEST_DIMENSIONS_CHOICES]")
-    g.add_argument("--no-extensions", action="store_true", default=_env("EXTENSIONS", "1") == "0",
-                   help="send no `instruction`/`input_type` (plain OpenAI endpoints) [LOADTEST_EXTENSIONS=0]")
+    g.add_argument(
+        "--expected-dim",
+        type=int,
+        default=_env("EXPECTED_DIM"),
+        help="native embedding size [LOADTEST_EXPECTED_DIM; default: probed once]",
+    )
+    g.add_argument(
+        "--mix",
+        default=_env("MIX", d.describe_mix()),
+        help="request kinds and weights, e.g. query=9,docs=1 [LOADTEST_MIX]",
+    )
+    g.add_argument(
+        "--batch-size",
+        default=_env("BATCH_SIZE", "%d-%d" % d.batch_size),
+        help="texts per document request, LO-HI [LOADTEST_BATCH_SIZE]",
+    )
+    g.add_argument(
+        "--query-tokens",
+        default=_env("QUERY_TOKENS", "%d-%d" % d.query_tokens),
+        help="tokens per query, LO-HI [LOADTEST_QUERY_TOKENS]",
+    )
+    g.add_argument(
+        "--passage-tokens",
+        default=_env("PASSAGE_TOKENS", "%d-%d" % d.passage_tokens),
+        help="tokens per passage, LO-HI [LOADTEST_PASSAGE_TOKENS]",
+    )
+    g.add_argument(
+        "--base64-share",
+        type=float,
+        default=_env("BASE64_SHARE", str(d.base64_share)),
+        help="share of requests asking for base64 [LOADTEST_BASE64_SHARE]",
+    )
+    g.add_argument(
+        "--dimensions-share",
+        type=float,
+        default=_env("DIMENSIONS_SHARE", str(d.dimensions_share)),
+        help="share of requests sending `dimensions` [LOADTEST_DIMENSIONS_SHARE]",
+    )
+    g.add_argument(
+        "--dimensions-choices",
+        default=_env("DIMENSIONS_CHOICES", ",".join(map(str, d.dimensions_choices))),
+        help="values for `dimensions` (those above the native size are dropped) [LOADTEST_DIMENSIONS_CHOICES]",
+    )
+    g.add_argument(
+        "--no-extensions",
+        action="store_true",
+        default=_env("EXTENSIONS", "1") == "0",
+        help="send no `instruction`/`input_type` (plain OpenAI endpoints) [LOADTEST_EXTENSIONS=0]",
+    )
     g.add_argument("--seed", type=int, default=_env("SEED", str(d.seed)), help="workload seed [LOADTEST_SEED]")
-    g.add_argument("--request-timeout", type=float, default=_env("REQUEST_TIMEOUT", str(d.timeout_s)),
-                   help="seconds before a request counts as failed [LOADTEST_REQUEST_TIMEOUT]")
+    g.add_argument(
+        "--request-timeout",
+        type=float,
+        default=_env("REQUEST_TIMEOUT", str(d.timeout_s)),
+        help="seconds before a request counts as failed [LOADTEST_REQUEST_TIMEOUT]",
+    )
 
 
 def settings_from_args(ns: argparse.Namespace) -> Settings:
@@ -283,9 +337,12 @@ def discover(host: str, settings: Settings) -> Settings:
         model = ids[0]
     expected = settings.expected_dim
     if expected is None:
-        answer = _http_json(base + "/v1/embeddings", settings.api_key,
-                            {"model": model, "input": "load test probe", "encoding_format": "float"},
-                            settings.timeout_s)
+        answer = _http_json(
+            base + "/v1/embeddings",
+            settings.api_key,
+            {"model": model, "input": "load test probe", "encoding_format": "float"},
+            settings.timeout_s,
+        )
         try:
             expected = len(answer["data"][0]["embedding"])
         except (KeyError, IndexError, TypeError):
@@ -301,7 +358,7 @@ class PlannedRequest:
     kind: str
     body: dict
     n_inputs: int
-    dim: int             # the length every returned vector must have
+    dim: int  # the length every returned vector must have
     encoding: str
 
 
@@ -348,9 +405,9 @@ OVERLOAD_STATUSES = (429, 503)
 
 @dataclass(frozen=True)
 class Verdict:
-    outcome: str         # "ok", "overload", or the failure kind (http_500, wrong_dimension, ...)
-    tokens: int = 0      # usage.total_tokens of a right answer
-    message: str = ""    # details of one case (varies per request)
+    outcome: str  # "ok", "overload", or the failure kind (http_500, wrong_dimension, ...)
+    tokens: int = 0  # usage.total_tokens of a right answer
+    message: str = ""  # details of one case (varies per request)
 
     @property
     def ok(self) -> bool:
@@ -362,8 +419,14 @@ class Verdict:
         return f"{self.outcome}: {self.message}" if self.outcome == OVERLOAD else self.outcome
 
 
-def check_answer(status: int, headers, content: bytes | None, planned: PlannedRequest,
-                 norm_tolerance: float = 1e-3, error: BaseException | None = None) -> Verdict:
+def check_answer(
+    status: int,
+    headers,
+    content: bytes | None,
+    planned: PlannedRequest,
+    norm_tolerance: float = 1e-3,
+    error: BaseException | None = None,
+) -> Verdict:
     """Is this the right answer to ``planned``? Anything but a right answer or overload is a failure.
 
     ``status`` 0 means no HTTP answer; ``error`` then says why (a timeout, a refused connection).

@@ -6,7 +6,7 @@ __all__ = ["Encoder"]
 def __getattr__(name: str):
     # Lazy, so `python -m serve_app.<module>` and light imports don't pull in torch first.
     if name == "Encoder":
-        from .encoder import Encoder
+        from .core.encoder import Encoder
 
         return Encoder
     raise AttributeError(name)

@@ -12,7 +12,7 @@ import os
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-DEFAULT_MODEL = "HIT-TMG/KaLM-embedding-multilingual-mini-instruct-v2"
+from . import environment
 
 
 class ServiceConfig(BaseModel):
@@ -22,65 +22,104 @@ class ServiceConfig(BaseModel):
 
     # --- which model ------------------------------------------------------------------
     model: str = Field(
-        default_factory=lambda: os.environ.get("KALM_MODEL") or DEFAULT_MODEL,
+        default_factory=environment.model,
         description="Hub id or local directory. The KALM_MODEL environment variable overrides the default.",
     )
     served_model_name: str | None = Field(
-        None, description="Model id clients send and /v1/models lists; default: the hub id, or the "
-        "directory name for a local path.")
+        None,
+        description="Model id clients send and /v1/models lists; default: the hub id, or the "
+        "directory name for a local path.",
+    )
     model_aliases: list[str] = Field(default_factory=list, description="Other ids accepted in requests.")
-    trust_remote_code: bool = Field(False, description="Run the model repository's own Python code. Off: "
-                                    "KaLM v2 is built from stock transformers modules.")
+    trust_remote_code: bool = Field(
+        False,
+        description="Run the model repository's own Python code. Off: "
+        "KaLM v2 is built from stock transformers modules.",
+    )
 
     # --- where it runs ----------------------------------------------------------------
     device: str = Field("auto", description="auto (CUDA when the replica has a GPU), cpu or cuda.")
-    dtype: str = Field("auto", description="auto (bf16 on CUDA and on CPUs with bf16 in hardware, AVX512-BF16 "
-                       "or AMX; else fp32; the KALM_DTYPE environment variable overrides), float32, bfloat16 "
-                       "or float16.")
+    dtype: str = Field(
+        "auto",
+        description="auto (bf16 on CUDA and on CPUs with bf16 in hardware, AVX512-BF16 "
+        "or AMX; else fp32; the KALM_DTYPE environment variable overrides), float32, bfloat16 "
+        "or float16.",
+    )
     encoder_num_cpus: float | None = Field(
-        None, description="CPUs each encoder replica reserves on CPU-only clusters (torch uses that many "
-        "threads); default: all CPUs of a node, at most 8. On GPU clusters a replica takes 1 GPU and 1 CPU.")
+        None,
+        description="CPUs each encoder replica reserves on CPU-only clusters (torch uses that many "
+        "threads); default: all CPUs of a node, at most 8. On GPU clusters a replica takes 1 GPU and 1 CPU.",
+    )
 
     # --- request limits (checked in the ingress, before any model work) ---------------
     max_body_bytes: int = Field(32 * 1024 * 1024, gt=0, description="Largest request body; larger gets 413.")
     max_inputs_per_request: int = Field(2048, gt=0, description="Most items in `input` (OpenAI's limit).")
     max_input_tokens: int | None = Field(
-        None, gt=0, description="Most tokens per input; default and ceiling: the model's own limit "
-        "(32,768 for KaLM v2). Longer inputs fail with 400 unless the request sets truncate.")
-    max_request_tokens: int = Field(300_000, gt=0, description="Most tokens in one request, all inputs "
-                                    "together (OpenAI's limit).")
+        None,
+        gt=0,
+        description="Most tokens per input; default and ceiling: the model's own limit "
+        "(32,768 for KaLM v2). Longer inputs fail with 400 unless the request sets truncate.",
+    )
+    max_request_tokens: int = Field(
+        300_000, gt=0, description="Most tokens in one request, all inputs together (OpenAI's limit)."
+    )
     default_query_instruction: str | None = Field(
-        None, description="Instruction for input_type=query; default: the model's `query` prompt "
-        "(KaLM: 'Given a query, retrieve documents that answer the query').")
+        None,
+        description="Instruction for input_type=query; default: the model's `query` prompt "
+        "(KaLM: 'Given a query, retrieve documents that answer the query').",
+    )
     request_timeout_s: float = Field(300.0, gt=0, description="A request not answered by then fails with 504.")
 
     # --- batching and scheduling in the encoder replicas ------------------------------
     max_batch_tokens: int | None = Field(
-        None, gt=0, description="Token budget of one forward pass; default 512 on CPU (one batch of KaLM "
+        None,
+        gt=0,
+        description="Token budget of one forward pass; default 512 on CPU (one batch of KaLM "
         "on 2 cores: ~1.2 s in bf16, ~3 s in fp32; texts packed end to end, no padding), 16384 on CUDA "
-        "(padded length x rows).")
-    max_batch_wait_ms: float = Field(2.0, ge=0, description="How long a batch below its budget may wait "
-                                     "for more work (from its oldest input's arrival).")
-    max_padding_fraction: float = Field(0.15, ge=0, le=1, description="A padded batch (CUDA) takes no input "
-                                        "that would make more than this share of its computed tokens padding.")
-    max_chunk_tokens: int = Field(8192, gt=0, description="Large requests are cut into chunks of about "
-                                  "this many tokens, spread over replicas.")
+        "(padded length x rows).",
+    )
+    max_batch_wait_ms: float = Field(
+        2.0,
+        ge=0,
+        description="How long a batch below its budget may wait for more work (from its oldest input's arrival).",
+    )
+    max_padding_fraction: float = Field(
+        0.15,
+        ge=0,
+        le=1,
+        description="A padded batch (CUDA) takes no input "
+        "that would make more than this share of its computed tokens padding.",
+    )
+    max_chunk_tokens: int = Field(
+        8192, gt=0, description="Large requests are cut into chunks of about this many tokens, spread over replicas."
+    )
     priority_scheduling: bool = Field(
-        True, description="Let interactive requests overtake bulk work (with ageing). Off: first come, "
-        "first served.")
+        True, description="Let interactive requests overtake bulk work (with ageing). Off: first come, first served."
+    )
     interactive_max_tokens: int = Field(
-        128, ge=0, description="Requests with at most this many tokens in total are interactive: they "
-        "overtake bulk work (a request may set priority explicitly).")
+        128,
+        ge=0,
+        description="Requests with at most this many tokens in total are interactive: they "
+        "overtake bulk work (a request may set priority explicitly).",
+    )
     interactive_batch_tokens: int | None = Field(
-        None, gt=0, description="Token budget of a batch led by interactive requests (topped up with bulk "
+        None,
+        gt=0,
+        description="Token budget of a batch led by interactive requests (topped up with bulk "
         "inputs), at most max_batch_tokens; default 384 on CPU (~0.9 s in bf16 on 2 cores), max_batch_tokens "
         "on CUDA. Lower it where such a batch takes longer than queries may wait (fp32 CPUs: ~192), at "
-        "some cost in throughput.")
+        "some cost in throughput.",
+    )
     interactive_max_share: float = Field(
-        0.5, gt=0, le=1, description="Interactive work goes first only while it has used less than this "
-        "share of a replica's recent compute time, so bulk work is never starved.")
+        0.5,
+        gt=0,
+        le=1,
+        description="Interactive work goes first only while it has used less than this "
+        "share of a replica's recent compute time, so bulk work is never starved.",
+    )
     max_queued_tokens_per_replica: int = Field(
-        2_000_000, gt=0, description="Tokens a replica holds queued before it refuses more (503 + Retry-After).")
+        2_000_000, gt=0, description="Tokens a replica holds queued before it refuses more (503 + Retry-After)."
+    )
 
     @field_validator("device")
     @classmethod

@@ -1,7 +1,7 @@
 """One exception type per failure kind.
 
 The encoder core, the corpus job and the HTTP layer all raise these; only the HTTP
-layer (`serve_app.http_errors`) knows which status code and OpenAI error type each
+layer (`serve_app.api.http_errors`) knows which status code and OpenAI error type each
 one becomes.
 """
 

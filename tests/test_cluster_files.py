@@ -48,8 +48,10 @@ def test_serve_config_scales_out_and_still_starts_one_replica_on_a_laptop():
     # bounded queues everywhere: at the proxies (for the ingress) and at the ingress (for the encoders)
     assert 0 < ingress["max_queued_requests"] and 0 < encoder["max_queued_requests"]
     # the ingress never caps the encoders' scaling signal
-    assert (ingress["num_replicas"] * ingress["max_ongoing_requests"]
-            >= autoscaling.target_ongoing_requests * autoscaling.max_replicas)
+    assert (
+        ingress["num_replicas"] * ingress["max_ongoing_requests"]
+        >= autoscaling.target_ongoing_requests * autoscaling.max_replicas
+    )
     policy = _resolve_policy_callable(autoscaling.policy)
     assert type(policy).__name__ == "TokenBacklogPolicy" and policy.target_batches == 4
 
@@ -64,8 +66,9 @@ def test_kuberay_serve_config_is_the_serve_config():
     assert served["http_options"].pop("host") == "0.0.0.0"  # the one allowed difference
     config["http_options"].pop("host")
     assert served == config, "run: python cluster/sync_kuberay.py"
-    check = subprocess.run([sys.executable, str(CLUSTER / "sync_kuberay.py"), "--check"], capture_output=True,
-                           text=True)
+    check = subprocess.run(
+        [sys.executable, str(CLUSTER / "sync_kuberay.py"), "--check"], capture_output=True, text=True
+    )
     assert check.returncode == 0, check.stdout  # comments too: the text is config.yaml's
 
 
@@ -110,9 +113,11 @@ def test_aws_launcher_config_passes_rays_own_validation():
 
 
 def _ray_view(env: dict) -> dict:
-    code = ("import json, ray; ray.init(logging_level='ERROR'); "
-            "print(json.dumps({'gpus': ray.cluster_resources().get('GPU', 0), "
-            "'alive': sum(n['Alive'] for n in ray.nodes())}))")
+    code = (
+        "import json, ray; ray.init(logging_level='ERROR'); "
+        "print(json.dumps({'gpus': ray.cluster_resources().get('GPU', 0), "
+        "'alive': sum(n['Alive'] for n in ray.nodes())}))"
+    )
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr[-2000:]
     return json.loads(out.stdout.strip().splitlines()[-1])
@@ -127,8 +132,13 @@ def test_local_cluster_script_starts_workers_with_gpu_slots_and_stops_cleanly(tm
     for key in ("RAY_ADDRESS", "RAY_AUTH_MODE", "RAY_AUTH_TOKEN"):
         env.pop(key, None)
     out = (tmp_path / "out.txt").open("w")
-    proc = subprocess.Popen([sys.executable, script, "start", "--workers", "2", "--model", str(tiny_model_dir)],
-                            env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+    proc = subprocess.Popen(
+        [sys.executable, script, "start", "--workers", "2", "--model", str(tiny_model_dir)],
+        env=env,
+        stdout=out,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
     text = ""
     try:
         deadline = time.monotonic() + 180

@@ -25,16 +25,25 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from serve_app import corpus
-from serve_app.checkpoint import KALM_QUERY_INSTRUCTION
-from serve_app.corpus_io import (
-    INDEX_STRIDE, Columns, CorpusError, done_parts, list_inputs, make_plan, read_part, scan_file,
+from serve_app.core.checkpoint import KALM_QUERY_INSTRUCTION
+from serve_app.corpus import job as corpus
+from serve_app.corpus.io import (
+    INDEX_STRIDE,
+    Columns,
+    CorpusError,
+    done_parts,
+    list_inputs,
+    make_plan,
+    read_part,
+    scan_file,
 )
 from tests.service_harness import ROOT, kill_processes_mentioning, ray_auth_env
 
 OBJECT_STORE_BYTES = 80 * 1024 * 1024  # Ray's minimum is 75 MiB
-WORDS = ("ray serve data embedding model query document vector search index corpus token batch actor "
-         "cluster the of and to in is for on with 东京 是 日本 的 首都 Käse schläft über naïve café 🚀").split()
+WORDS = (
+    "ray serve data embedding model query document vector search index corpus token batch actor "
+    "cluster the of and to in is for on with 东京 是 日本 的 首都 Käse schläft über naïve café 🚀"
+).split()
 
 
 def make_texts(n: int, seed: int = 0, words: tuple[int, int] = (3, 25)) -> list[str]:
@@ -83,7 +92,9 @@ def by_id(ids, vectors) -> dict:
 
 
 def bad_rows(out: Path) -> list[dict]:
-    return [json.loads(line) for f in sorted((out / "_bad_rows").glob("*.jsonl")) for line in f.read_text().splitlines()]
+    return [
+        json.loads(line) for f in sorted((out / "_bad_rows").glob("*.jsonl")) for line in f.read_text().splitlines()
+    ]
 
 
 # --- reading, without Ray -----------------------------------------------------------------
@@ -132,7 +143,7 @@ def test_uri_inputs_and_outputs(monkeypatch):
     """Inputs and outputs behind a URI (s3://, gs://, ...): here pyarrow's in-memory mock filesystem."""
     import pyarrow.fs as pafs
 
-    from serve_app import corpus_io
+    from serve_app.corpus import io as corpus_io
 
     fs = pafs._MockFileSystem()
     monkeypatch.setattr(corpus_io, "_from_uri", lambda uri: (fs, uri.split("://", 1)[1].strip("/")))
@@ -170,11 +181,12 @@ def test_bad_rows_are_found_and_good_rows_kept(tmp_path):
         b'{"id": 3}\n'
         b'{"id": 4, "text": 42}\n'
         b'{"id": 5, "text": "bad \xff utf8"}\n'
-        b'{not json\n'
-        b'\n'
-        b'[1, 2]\n'
+        b"{not json\n"
+        b"\n"
+        b"[1, 2]\n"
         b'{"text": "no id"}\n'
-        b'{"id": 10, "text": "good ten"}\n')
+        b'{"id": 10, "text": "good ten"}\n'
+    )
     ids, texts, bad = read_all(plan_for(str(tmp_path / "in/a.jsonl"), 4))
     assert (ids, texts) == ([0, 10], ["good zero", "good ten"])
     reasons = {b["row"]: b["reason"] for b in bad}
@@ -188,7 +200,10 @@ def test_bad_rows_are_found_and_good_rows_kept(tmp_path):
     ids, texts, bad = read_all(plan_for(str(tmp_path / "b.csv"), 100))
     assert (ids, texts) == ([1, 2, 6], ["fine", "two\nlines", "last"])
     assert [(b["row"], b["reason"].split(":")[0]) for b in bad] == [
-        (2, "malformed CSV row"), (3, "undecodable"), (4, "empty text")]
+        (2, "malformed CSV row"),
+        (3, "undecodable"),
+        (4, "empty text"),
+    ]
 
     (tmp_path / "c.txt").write_bytes(b"one\n\nthree \xc3\x28\nfour")
     ids, texts, bad = read_all(plan_for(str(tmp_path / "c.txt"), 100))
@@ -202,7 +217,7 @@ def test_default_part_size_keeps_every_actor_busy():
 
 
 def test_over_long_texts_are_bad_rows_unless_truncated(tiny_encoder):
-    from serve_app.tokenization import TextTokenizer
+    from serve_app.core.tokenization import TextTokenizer
 
     tok = TextTokenizer(tiny_encoder.files, max_input_tokens=8)
     texts = ["short", "this text is certainly longer than eight tokens, by quite a lot", "also short"]
@@ -223,9 +238,15 @@ def cluster():
 
     with ray_auth_env():
         temp_dir = tempfile.mkdtemp(prefix="rc", dir="/tmp")
-        c = Cluster(initialize_head=True, head_node_args={
-            "num_cpus": 2, "object_store_memory": OBJECT_STORE_BYTES, "include_dashboard": False,
-            "temp_dir": temp_dir})
+        c = Cluster(
+            initialize_head=True,
+            head_node_args={
+                "num_cpus": 2,
+                "object_store_memory": OBJECT_STORE_BYTES,
+                "include_dashboard": False,
+                "temp_dir": temp_dir,
+            },
+        )
         try:
             ray.init(address=c.address)
             yield c
@@ -236,21 +257,54 @@ def cluster():
 
 
 def run_job(cluster, model_dir, inp, out, *args) -> dict:
-    code = corpus.main(["--input", str(inp), "--output", str(out), "--model", str(model_dir),
-                        "--address", cluster.address, "--progress-interval", "1", *args])
+    code = corpus.main(
+        [
+            "--input",
+            str(inp),
+            "--output",
+            str(out),
+            "--model",
+            str(model_dir),
+            "--address",
+            cluster.address,
+            "--progress-interval",
+            "1",
+            *args,
+        ]
+    )
     summary = json.loads((Path(out) / "_summary.json").read_text())
     assert code == 0 and summary["complete"], summary
     return summary
 
 
 def cli(cluster, model_dir, inp, out, *args) -> list[str]:
-    return [sys.executable, "-m", "serve_app.corpus", "--input", str(inp), "--output", str(out), "--model",
-            str(model_dir), "--address", cluster.address, "--progress-interval", "1", *args]
+    return [
+        sys.executable,
+        "-m",
+        "serve_app.corpus",
+        "--input",
+        str(inp),
+        "--output",
+        str(out),
+        "--model",
+        str(model_dir),
+        "--address",
+        cluster.address,
+        "--progress-interval",
+        "1",
+        *args,
+    ]
 
 
-PARITY_TEXTS = ["What is Ray Serve?", "Ray Serve is a scalable model serving library.", "东京是日本的首都。",
-                "Die Katze schläft auf dem Sofa.", " leading and trailing spaces ", "emoji 🚀 and\ttabs",
-                "a much longer document " * 40]
+PARITY_TEXTS = [
+    "What is Ray Serve?",
+    "Ray Serve is a scalable model serving library.",
+    "东京是日本的首都。",
+    "Die Katze schläft auf dem Sofa.",
+    " leading and trailing spaces ",
+    "emoji 🚀 and\ttabs",
+    "a much longer document " * 40,
+]
 
 
 @pytest.mark.slow
@@ -285,10 +339,14 @@ def test_every_format_end_to_end(cluster, tiny_model_dir, tiny_encoder, tmp_path
     texts = make_texts(500, seed=2)
     fmts = ["parquet", "jsonl", "jsonl.gz", "csv", "tsv"]
     for k, fmt in enumerate(fmts):
-        write_rows(tmp_path / f"in/part{k}.{fmt}", fmt,
-                   [{"id": 1000 * k + i, "text": t} for i, t in enumerate(texts[100 * k: 100 * (k + 1)])])
-    summary = run_job(cluster, tiny_model_dir, tmp_path / "in", tmp_path / "out", "--rows-per-part", "64",
-                      "--tokenize-in", "tasks")
+        write_rows(
+            tmp_path / f"in/part{k}.{fmt}",
+            fmt,
+            [{"id": 1000 * k + i, "text": t} for i, t in enumerate(texts[100 * k : 100 * (k + 1)])],
+        )
+    summary = run_job(
+        cluster, tiny_model_dir, tmp_path / "in", tmp_path / "out", "--rows-per-part", "64", "--tokenize-in", "tasks"
+    )
     assert (summary["corpus_rows"], summary["embedded"], summary["bad"], summary["parts"]) == (500, 500, 0, 8)
     assert summary["dtypes"] == ["float32"]  # what the encoders ran in ($KALM_DTYPE, set for the tests)
     ids, vectors, n_tokens = read_output(tmp_path / "out")
@@ -323,7 +381,12 @@ def test_bad_rows_go_to_a_side_file_and_the_job_carries_on(bad_rows_job, tiny_en
     tmp, texts, summary = bad_rows_job
     bad = bad_rows(tmp / "out")
     assert {(b["id"], b["reason"].split(":")[0]) for b in bad} == {
-        (10, "empty text"), (20, "null text"), (30, "over-long"), (None, "invalid JSON"), (None, "undecodable")}
+        (10, "empty text"),
+        (20, "null text"),
+        (30, "over-long"),
+        (None, "invalid JSON"),
+        (None, "undecodable"),
+    }
     assert {b["row"] for b in bad if b["id"] is None} == {50, 150}  # rows of b.jsonl
     assert all(b["file"].endswith(("a.parquet", "b.jsonl")) for b in bad)
     assert "64 tokens" in next(b["reason"] for b in bad if b["id"] == 30)
@@ -332,20 +395,33 @@ def test_bad_rows_go_to_a_side_file_and_the_job_carries_on(bad_rows_job, tiny_en
     assert sorted(ids) == good
     assert (summary["embedded"], summary["bad"], summary["corpus_rows"]) == (296, 5, 301)
     got = by_id(ids, vectors)
-    np.testing.assert_allclose(np.stack([got[i] for i in good]),
-                               tiny_encoder.encode([texts[i] for i in good], instruction=INSTRUCTION), atol=1e-6)
+    np.testing.assert_allclose(
+        np.stack([got[i] for i in good]),
+        tiny_encoder.encode([texts[i] for i in good], instruction=INSTRUCTION),
+        atol=1e-6,
+    )
 
 
 def test_resume_refuses_other_settings_or_changed_input(bad_rows_job, cluster, tiny_model_dir, capsys):
     tmp, _, first = bad_rows_job
-    base = ["--input", str(tmp / "in"), "--output", str(tmp / "out"), "--model", str(tiny_model_dir),
-            "--address", cluster.address]
+    base = [
+        "--input",
+        str(tmp / "in"),
+        "--output",
+        str(tmp / "out"),
+        "--model",
+        str(tiny_model_dir),
+        "--address",
+        cluster.address,
+    ]
     again = run_job(cluster, tiny_model_dir, tmp / "in", tmp / "out", *BAD_JOB_ARGS[:2], *BAD_JOB_ARGS[4:])
     assert (again["parts_this_run"], again["parts_done_before"]) == (0, first["parts"])  # done; keeps its parts
     capsys.readouterr()
-    for extra, says in ((["--truncate"], "truncate: was False, now True"),  # would embed the over-long row
-                        (["--dimensions", "32"], "dimensions: was None, now 32"),
-                        (["--rows-per-part", "25"], "rows_per_part: was 50, now 25")):
+    for extra, says in (
+        (["--truncate"], "truncate: was False, now True"),  # would embed the over-long row
+        (["--dimensions", "32"], "dimensions: was None, now 32"),
+        (["--rows-per-part", "25"], "rows_per_part: was 50, now 25"),
+    ):
         assert corpus.main(base + BAD_JOB_ARGS + extra) == 2
         assert says in capsys.readouterr().err
     assert corpus.main(base + ["--max-tokens", "64"]) == 2  # no --instruction: another prompt
@@ -419,13 +495,15 @@ def test_corpus_larger_than_the_object_store(cluster, tiny_model_dir, tmp_path):
 
 def test_benchmark_mode_compares_with_sentence_transformers(cluster, tiny_model_dir, tmp_path, capsys):
     inp = write_rows(tmp_path / "in.jsonl", "jsonl", [{"id": i, "text": t} for i, t in enumerate(make_texts(800))])
-    args = corpus.parse_args(["--input", str(inp), "--model", str(tiny_model_dir), "--address", cluster.address,
-                              "--benchmark"])
+    args = corpus.parse_args(
+        ["--input", str(inp), "--model", str(tiny_model_dir), "--address", cluster.address, "--benchmark"]
+    )
     result = corpus.benchmark(args)
     out = capsys.readouterr().out
     assert "sentence-transformers encode" in out and "corpus job, encoders loaded" in out
     assert result["texts"] == 800 and result["tokens"] > 0
     assert result["corpus_tokens_per_s"] > 0 and result["st_tokens_per_s"] > 0
     # the ratio is printed to 3 decimals; on this tiny input the job is mostly start-up, so it is small
-    assert result["ratio"] == pytest.approx(result["corpus_tokens_per_s_steady"] / result["st_tokens_per_s"], rel=1e-2,
-                                            abs=1e-3)
+    assert result["ratio"] == pytest.approx(
+        result["corpus_tokens_per_s_steady"] / result["st_tokens_per_s"], rel=1e-2, abs=1e-3
+    )

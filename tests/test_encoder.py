@@ -12,11 +12,11 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from serve_app import Encoder
-from serve_app.checkpoint import KALM_QUERY_INSTRUCTION
-from serve_app.encoder import parse_dtype
+from serve_app.core.checkpoint import KALM_QUERY_INSTRUCTION
+from serve_app.core.device import parse_dtype
+from serve_app.core.vectors import truncate_dimensions
 from serve_app.errors import InputTooLongError, MissingWeightsError, ModelLoadError
-from serve_app.pooling import truncate_dimensions
-from serve_app.standin import build_qwen2_tokenizer
+from serve_app.testing.standin import build_qwen2_tokenizer
 from tests.reference import ReferenceQwen2, reference_token_ids
 
 TEXTS = [
@@ -48,13 +48,17 @@ def test_rebuilt_qwen2_tokenizer_matches_tiktoken_on_qwen_tiktoken():
     tokenizer = build_qwen2_tokenizer(append_eos=False)
     rng = random.Random(0)
     alphabet = "abcXYZ 0123456789\n\t\r.,;!?'\"-_()[]{}<>/\\éüßçñ東京日本語한국어Россияالعربية🚀✓\u00a0\u3000"
-    samples = TEXTS + [
-        "  leading and trailing spaces  ",
-        "numbers 1234567890 and 3.14159",
-        "line1\n\nline2\r\n  indented",
-        "I'm we're they'll HE'S",
-        "<|endoftext|> is special",
-    ] + ["".join(rng.choice(alphabet) for _ in range(rng.randint(1, 80))) for _ in range(300)]
+    samples = (
+        TEXTS
+        + [
+            "  leading and trailing spaces  ",
+            "numbers 1234567890 and 3.14159",
+            "line1\n\nline2\r\n  indented",
+            "I'm we're they'll HE'S",
+            "<|endoftext|> is special",
+        ]
+        + ["".join(rng.choice(alphabet) for _ in range(rng.randint(1, 80))) for _ in range(300)]
+    )
     for text in samples:
         assert tokenizer.encode(text).ids == reference_token_ids(text, append_eos=False), text
 
@@ -145,7 +149,7 @@ def test_results_do_not_depend_on_batching(tiny_model_dir, packed):
 
 def test_packed_row_attends_only_within_each_text(tiny_encoder):
     """Two texts packed into one row: each one's states are what it gets alone."""
-    from serve_app.batching import pack_batch
+    from serve_app.batching.layout import pack_batch
 
     a, b = [9707, 1879, 11, 1879], [3000, 11, 42]
     with torch.no_grad():
@@ -163,8 +167,9 @@ def test_named_prompts_from_config_sentence_transformers(tiny_encoder):
     by_name = tiny_encoder.encode(TEXTS[:2], prompt_name="query")
     by_instruction = tiny_encoder.encode(TEXTS[:2], instruction=INSTRUCTION)
     np.testing.assert_allclose(by_name, by_instruction, atol=1e-6)
-    np.testing.assert_allclose(tiny_encoder.encode(TEXTS[:2], prompt_name="document"),
-                               tiny_encoder.encode(TEXTS[:2]), atol=1e-6)
+    np.testing.assert_allclose(
+        tiny_encoder.encode(TEXTS[:2], prompt_name="document"), tiny_encoder.encode(TEXTS[:2]), atol=1e-6
+    )
 
 
 def test_over_long_input_fails_unless_truncated(tiny_model_dir, reference):
@@ -200,8 +205,11 @@ def test_weight_names_with_model_prefix_and_unused_lm_head_load(tiny_model_dir, 
 
 
 def test_missing_weight_is_an_error_naming_it(tiny_model_dir, tmp_path):
-    path = _copy_with_weights(tiny_model_dir, tmp_path / "missing",
-                              lambda w: {k: v for k, v in w.items() if k != "layers.1.mlp.up_proj.weight"})
+    path = _copy_with_weights(
+        tiny_model_dir,
+        tmp_path / "missing",
+        lambda w: {k: v for k, v in w.items() if k != "layers.1.mlp.up_proj.weight"},
+    )
     with pytest.raises(MissingWeightsError, match=r"layers\.1\.mlp\.up_proj\.weight"):
         Encoder.from_pretrained(path)
 
@@ -212,7 +220,9 @@ def test_custom_architecture_name_still_loads_as_bidirectional_qwen2(tiny_model_
     config = json.loads((path / "config.json").read_text())
     config.update(architectures=["KaLMQwen2Model"], auto_map={"AutoModel": "modeling_kalm.KaLMQwen2Model"})
     (path / "config.json").write_text(json.dumps(config))
-    np.testing.assert_allclose(Encoder.from_pretrained(path).encode(TEXTS[:2]), tiny_encoder.encode(TEXTS[:2]), atol=1e-6)
+    np.testing.assert_allclose(
+        Encoder.from_pretrained(path).encode(TEXTS[:2]), tiny_encoder.encode(TEXTS[:2]), atol=1e-6
+    )
 
 
 def test_missing_directory_and_unreachable_hub_are_clear_errors(monkeypatch):
@@ -244,9 +254,11 @@ def test_all_minilm_l6_v2_matches_sentence_transformers():
 def test_full_standin_has_kalm_v2_shape():
     from transformers import Qwen2Config, Qwen2Model
 
-    from serve_app.standin import qwen2_config
+    from serve_app.testing.standin import qwen2_config
 
-    cfg = {k: v for k, v in qwen2_config("full").items() if k not in ("architectures", "model_type", "kalm_serve_standin")}
+    cfg = {
+        k: v for k, v in qwen2_config("full").items() if k not in ("architectures", "model_type", "kalm_serve_standin")
+    }
     with torch.device("meta"):
         model = Qwen2Model(Qwen2Config(**cfg))
     assert sum(p.numel() for p in model.parameters()) == 494_032_768
@@ -257,13 +269,13 @@ def test_full_standin_has_kalm_v2_shape():
 
 
 def test_auto_dtype_is_bf16_on_cuda_and_on_cpus_with_bf16_in_hardware(monkeypatch):
-    from serve_app import encoder as encoder_module
+    from serve_app.core import device as device_module
 
     monkeypatch.delenv("KALM_DTYPE", raising=False)
     cpu, cuda = torch.device("cpu"), torch.device("cuda")
-    monkeypatch.setattr(encoder_module, "cpu_has_native_bf16", lambda: True)
+    monkeypatch.setattr(device_module, "cpu_has_native_bf16", lambda: True)
     assert parse_dtype("auto", cpu) == parse_dtype(None, cuda) == torch.bfloat16
-    monkeypatch.setattr(encoder_module, "cpu_has_native_bf16", lambda: False)
+    monkeypatch.setattr(device_module, "cpu_has_native_bf16", lambda: False)
     assert parse_dtype("auto", cpu) == torch.float32
     monkeypatch.setenv("KALM_DTYPE", "bf16")  # the environment overrides auto, not an explicit dtype
     assert parse_dtype("auto", cpu) == torch.bfloat16 and parse_dtype("float32", cpu) == torch.float32

@@ -28,8 +28,13 @@ RUNNER = ROOT / "loadtest" / "run.py"
 
 
 def run_loadtest(host: str, out: Path, *args: str, timeout: float = 120) -> tuple[int, dict, str]:
-    proc = subprocess.run([sys.executable, str(RUNNER), "--host", host, "--out", str(out), "--quiet", *args],
-                          cwd=ROOT, capture_output=True, text=True, timeout=timeout)
+    proc = subprocess.run(
+        [sys.executable, str(RUNNER), "--host", host, "--out", str(out), "--quiet", *args],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
     output = proc.stdout + proc.stderr
     summary_path = out / "summary.json"
     summary = json.loads(summary_path.read_text()) if summary_path.exists() else {}
@@ -73,12 +78,22 @@ class FakeEmbeddings:
                     fake.count += 1
                     n, in_flight = fake.count, fake.in_flight
                 try:
-                    time.sleep(fake.delay_ms * in_flight / 1000 + (fake.batch_s if isinstance(body["input"], list)
-                                                                     else 0))
+                    time.sleep(
+                        fake.delay_ms * in_flight / 1000 + (fake.batch_s if isinstance(body["input"], list) else 0)
+                    )
                     if fake.mode == "overload" and n % 3 == 0:
-                        return self._send(503, {"error": {"message": "overloaded", "type": "rate_limit_error",
-                                                          "param": None, "code": "overloaded"}},
-                                          {"Retry-After": "1"})
+                        return self._send(
+                            503,
+                            {
+                                "error": {
+                                    "message": "overloaded",
+                                    "type": "rate_limit_error",
+                                    "param": None,
+                                    "code": "overloaded",
+                                }
+                            },
+                            {"Retry-After": "1"},
+                        )
                     self._send(200, fake.answer(body))
                 finally:
                     with fake.lock:
@@ -87,8 +102,11 @@ class FakeEmbeddings:
             def _send(self, status, obj, headers=None):
                 raw = json.dumps(obj).encode()
                 self.send_response(status)
-                for k, v in {"Content-Type": "application/json", "Content-Length": str(len(raw)),
-                             **(headers or {})}.items():
+                for k, v in {
+                    "Content-Type": "application/json",
+                    "Content-Length": str(len(raw)),
+                    **(headers or {}),
+                }.items():
                     self.send_header(k, v)
                 self.end_headers()
                 self.wfile.write(raw)
@@ -113,9 +131,12 @@ class FakeEmbeddings:
             data = [base64.b64encode(v.tobytes()).decode() for v in vecs]
         else:
             data = [v.tolist() for v in vecs]
-        return {"object": "list", "model": body["model"],
-                "data": [{"object": "embedding", "index": i, "embedding": e} for i, e in enumerate(data)],
-                "usage": {"prompt_tokens": 7 * len(texts), "total_tokens": 7 * len(texts)}}
+        return {
+            "object": "list",
+            "model": body["model"],
+            "data": [{"object": "embedding", "index": i, "embedding": e} for i, e in enumerate(data)],
+            "usage": {"prompt_tokens": 7 * len(texts), "total_tokens": 7 * len(texts)},
+        }
 
     def __enter__(self):
         threading.Thread(target=self.server.serve_forever, daemon=True).start()
@@ -136,8 +157,9 @@ def planned(n=2, dim=4, encoding="float"):
 def answer(vectors, encoding="float", tokens=10):
     vectors = np.asarray(vectors, dtype="<f4")
     data = [base64.b64encode(v.tobytes()).decode() if encoding == "base64" else v.tolist() for v in vectors]
-    return json.dumps({"data": [{"index": i, "embedding": e} for i, e in enumerate(data)],
-                       "usage": {"total_tokens": tokens}}).encode()
+    return json.dumps(
+        {"data": [{"index": i, "embedding": e} for i, e in enumerate(data)], "usage": {"total_tokens": tokens}}
+    ).encode()
 
 
 UNIT = [[1, 0, 0, 0], [0, 0.6, 0.8, 0]]
@@ -203,12 +225,14 @@ def test_mix_and_range_parsing():
 # --- the runner against the fake server ---------------------------------------------------------------
 
 
-@pytest.mark.parametrize("mode, kind", [("wrong_dim", "wrong_dimension"), ("not_unit", "not_unit"),
-                                        ("wrong_count", "wrong_count")])
+@pytest.mark.parametrize(
+    "mode, kind", [("wrong_dim", "wrong_dimension"), ("not_unit", "not_unit"), ("wrong_count", "wrong_count")]
+)
 def test_wrong_answers_fail_the_run(tmp_path, mode, kind):
     with FakeEmbeddings(mode) as fake:
-        rc, summary, output = run_loadtest(fake.url, tmp_path, "--users", "2", "--duration", "2",
-                                           "--expected-dim", str(FakeEmbeddings.NATIVE))
+        rc, summary, output = run_loadtest(
+            fake.url, tmp_path, "--users", "2", "--duration", "2", "--expected-dim", str(FakeEmbeddings.NATIVE)
+        )
     assert rc == 1, output
     assert summary["total"]["ok"] == 0 and summary["total"]["failures"] > 0, output
     assert set(summary["total"]["failures_by_kind"]) == {kind}, output
@@ -219,8 +243,9 @@ def test_wrong_answers_fail_the_run(tmp_path, mode, kind):
 
 def test_overload_answers_are_not_failures(tmp_path):
     with FakeEmbeddings("overload") as fake:
-        rc, summary, output = run_loadtest(fake.url, tmp_path, "--users", "2", "--duration", "2",
-                                           "--mix", "query=1,docs=1")
+        rc, summary, output = run_loadtest(
+            fake.url, tmp_path, "--users", "2", "--duration", "2", "--mix", "query=1,docs=1"
+        )
     assert rc == 0, output
     t = summary["total"]
     assert t["overload"] > 0 and t["failures"] == 0 and t["ok"] > 0, output
@@ -235,8 +260,9 @@ def test_unreachable_target_is_exit_2(tmp_path):
 def test_step_mode_stops_past_the_slo(tmp_path):
     # latency = 40 ms x requests in flight: 1 user ~40 ms, 2 ~80, 3 ~120, 4 ~160 ...
     with FakeEmbeddings("ok", delay_ms=40) as fake:
-        rc, summary, output = run_loadtest(fake.url, tmp_path, "--step", "--slo-ms", "100", "--step-time", "2",
-                                           "--max-users", "8", "--mix", "query=1")
+        rc, summary, output = run_loadtest(
+            fake.url, tmp_path, "--step", "--slo-ms", "100", "--step-time", "2", "--max-users", "8", "--mix", "query=1"
+        )
     assert rc == 0, output
     steps = summary["steps"]
     assert [s["users"] for s in steps] == list(range(1, len(steps) + 1))
@@ -253,8 +279,9 @@ def test_step_mode_stops_past_the_slo(tmp_path):
 def test_step_mode_counts_requests_still_in_flight(tmp_path):
     # one user, each document batch takes 6 s: nothing completes in a 2 s step, yet it is far past the SLO
     with FakeEmbeddings("ok", batch_s=6) as fake:
-        rc, summary, output = run_loadtest(fake.url, tmp_path, "--step", "--slo-ms", "500", "--step-time", "2",
-                                           "--mix", "docs=1")
+        rc, summary, output = run_loadtest(
+            fake.url, tmp_path, "--step", "--slo-ms", "500", "--step-time", "2", "--mix", "docs=1"
+        )
     assert rc == 0, output
     [step] = summary["steps"]
     assert step["ok"] == 0 and step["late"] == 1 and step["p95_ms"] > 1500 and not step["within_slo"], output
@@ -266,11 +293,11 @@ def test_step_mode_counts_requests_still_in_flight(tmp_path):
 
 def test_smoke_load_against_tiny_standin(tiny_model_dir, tmp_path):
     with ServeProcess(tiny_model_dir) as svc:
-        rc, summary, output = run_loadtest(svc.base_url, tmp_path, "--users", "4", "--spawn-rate", "4",
-                                           "--duration", "20", timeout=180)
+        rc, summary, output = run_loadtest(
+            svc.base_url, tmp_path, "--users", "4", "--spawn-rate", "4", "--duration", "20", timeout=180
+        )
     assert rc == 0, output
-    for name in ("locust_stats.csv", "locust_stats_history.csv", "locust_failures.csv", "report.html",
-                 "summary.json"):
+    for name in ("locust_stats.csv", "locust_stats_history.csv", "locust_failures.csv", "report.html", "summary.json"):
         assert (tmp_path / name).stat().st_size > 0, name
     t = summary["total"]
     assert t["requests_per_s"] > 0 and t["tokens_per_s"] > 0 and t["failures"] == 0, output

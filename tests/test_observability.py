@@ -50,8 +50,12 @@ def test_every_documented_metric_is_exported(service, tiny_model_dir):
 
 def test_one_structured_log_line_per_request_without_the_texts(service, tiny_model_dir):
     secret = "confidential-text-that-must-not-be-logged"
-    resp = httpx.post(service.base_url + "/v1/embeddings", headers={"x-request-id": "log-check-1"},
-                      json={"model": tiny_model_dir.name, "input": [secret]}, timeout=60)
+    resp = httpx.post(
+        service.base_url + "/v1/embeddings",
+        headers={"x-request-id": "log-check-1"},
+        json={"model": tiny_model_dir.name, "input": [secret]},
+        timeout=60,
+    )
     assert resp.status_code == 200
     deadline = time.monotonic() + 30
     while time.monotonic() < deadline and "log-check-1" not in service.log():

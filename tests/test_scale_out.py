@@ -28,7 +28,7 @@ import orjson
 import pytest
 import yaml
 
-from serve_app.autoscaling import TokenBacklogPolicy
+from serve_app.serve.autoscaling import TokenBacklogPolicy
 from tests.service_harness import CONFIG, ServeProcess, environ, free_port, local_cluster
 from tests.test_service import assert_openai_error
 
@@ -62,10 +62,16 @@ def test_policy_reads_serves_autoscaling_context():
     from ray.serve.config import AutoscalingConfig
 
     ctx = SimpleNamespace(
-        deployment_name="KalmEncoder", current_num_replicas=2, target_num_replicas=2,
-        total_num_requests=10.0, total_queued_requests=0.0, capacity_adjusted_min_replicas=1,
-        capacity_adjusted_max_replicas=8, config=AutoscalingConfig(target_ongoing_requests=128, max_replicas=8),
-        aggregated_metrics={"backlog_batches": {"replica-a": 14.0, "replica-b": 10.0}})
+        deployment_name="KalmEncoder",
+        current_num_replicas=2,
+        target_num_replicas=2,
+        total_num_requests=10.0,
+        total_queued_requests=0.0,
+        capacity_adjusted_min_replicas=1,
+        capacity_adjusted_max_replicas=8,
+        config=AutoscalingConfig(target_ongoing_requests=128, max_replicas=8),
+        aggregated_metrics={"backlog_batches": {"replica-a": 14.0, "replica-b": 10.0}},
+    )
     desired, state = TokenBacklogPolicy(target_batches_per_replica=4)(ctx)
     assert desired == pytest.approx(6) and state["backlog_batches"] == 24
     ctx.aggregated_metrics = {}  # no replica has reported yet: Serve's own signal alone
@@ -115,8 +121,13 @@ def service(cluster, model_dir, encoder: dict, **config_overrides):
     from ray.serve import context
 
     context._set_global_client(None)  # each `serve run` brings (and takes down) its own Serve instance
-    with ServeProcess(model_dir, cluster_address=cluster.address, env={"RAY_DEDUP_LOGS": "0"},
-                      config_overrides=config_overrides, deployment_overrides={"KalmEncoder": encoder}) as svc:
+    with ServeProcess(
+        model_dir,
+        cluster_address=cluster.address,
+        env={"RAY_DEDUP_LOGS": "0"},
+        config_overrides=config_overrides,
+        deployment_overrides={"KalmEncoder": encoder},
+    ) as svc:
         yield svc
     context._set_global_client(None)
 
@@ -171,7 +182,7 @@ class Load:
                     self.failures.append(repr(exc))
                 self.results.append((t0, status, time.monotonic() - t0))
 
-    def __enter__(self) -> "Load":
+    def __enter__(self) -> Load:
         self._threads = [threading.Thread(target=self._run, daemon=True) for _ in range(self.n)]
         for t in self._threads:
             t.start()
@@ -205,9 +216,18 @@ def docs_body(model_dir, n: int = 16) -> dict:
 
 @pytest.mark.slow
 def test_encoder_scales_from_1_to_3_under_load_and_back_to_1(cluster, tiny_model_dir):
-    encoder = {"autoscaling_config": encoder_autoscaling(
-        min_replicas=1, initial_replicas=1, max_replicas=WORKERS, upscale_delay_s=1, downscale_delay_s=5,
-        look_back_period_s=2, metrics_interval_s=0.5, policy_kwargs={"target_batches_per_replica": 2})}
+    encoder = {
+        "autoscaling_config": encoder_autoscaling(
+            min_replicas=1,
+            initial_replicas=1,
+            max_replicas=WORKERS,
+            upscale_delay_s=1,
+            downscale_delay_s=5,
+            look_back_period_s=2,
+            metrics_interval_s=0.5,
+            policy_kwargs={"target_batches_per_replica": 2},
+        )
+    }
     # 16 inputs of ~500 tokens = 4 chunks of 2048 tokens = 16 forward passes of 512 tokens per request
     with service(cluster, tiny_model_dir, encoder, max_chunk_tokens=2048) as svc:
         t0 = time.monotonic()
@@ -225,8 +245,10 @@ def test_encoder_scales_from_1_to_3_under_load_and_back_to_1(cluster, tiny_model
             load_stopped = time.monotonic() - t0
         wait_for(lambda: sample() == 1, 90, what="scale-down to 1 replica")
         assert load.statuses() == {200: len(load.results)}, load.failures[:3]
-        print(f"\nautoscaling: encoder replicas over time (s, running, starting) {timeline}; load stopped at "
-              f"{load_stopped:.1f}s; {len(load.results)} requests, all 200")
+        print(
+            f"\nautoscaling: encoder replicas over time (s, running, starting) {timeline}; load stopped at "
+            f"{load_stopped:.1f}s; {len(load.results)} requests, all 200"
+        )
         decisions = re.findall(r"(\d\d:\d\d:\d\d),\d+ controller \d+ -- autoscaling KalmEncoder: (.*)", svc.log())
         print("policy decisions (controller log):\n" + "\n".join(f"  {t} {d}" for t, d in decisions))
         assert max(n for _, n, _ in timeline) >= WORKERS and timeline[-1][1] == 1
@@ -281,11 +303,13 @@ def test_overload_burst_gets_fast_503_and_admitted_requests_succeed(cluster, tin
     refused_s = sorted(s for _, s in refused)
     work_s = sorted(s for r, s in work if r.status_code == 200)
     in_ingress = sorted(r["total_ms"] for r in refused_logged)
-    print(f"\noverload: burst of 32 queries while 6 long requests fill the queues: {len(refused)} refused (503) "
-          f"in p50 {statistics.median(refused_s) * 1e3:.0f} ms / max {refused_s[-1] * 1e3:.0f} ms (client side; "
-          f"in the ingress p50 {statistics.median(in_ingress):.0f} / max {in_ingress[-1]:.0f} ms), "
-          f"{len(burst) - len(refused)} admitted; long requests: {len(work_s)} admitted, all 200, in "
-          f"{work_s[0]:.1f}-{work_s[-1]:.1f} s, {len(work) - len(work_s)} refused")
+    print(
+        f"\noverload: burst of 32 queries while 6 long requests fill the queues: {len(refused)} refused (503) "
+        f"in p50 {statistics.median(refused_s) * 1e3:.0f} ms / max {refused_s[-1] * 1e3:.0f} ms (client side; "
+        f"in the ingress p50 {statistics.median(in_ingress):.0f} / max {in_ingress[-1]:.0f} ms), "
+        f"{len(burst) - len(refused)} admitted; long requests: {len(work_s)} admitted, all 200, in "
+        f"{work_s[0]:.1f}-{work_s[-1]:.1f} s, {len(work) - len(work_s)} refused"
+    )
     # Refusals don't wait for the work ahead of them: quick in the ingress, and on the client side
     # quicker than the queued work (on a loaded 2-core machine the client and proxy add the most).
     assert statistics.median(in_ingress) < 500 and statistics.median(refused_s) < work_s[-1]
@@ -333,8 +357,10 @@ def test_replicas_spread_over_nodes_and_each_serves_traffic(cluster, three_repli
     for rid, calls in served.items():
         node = before[rid]["node_id"]
         share[f"{rid} (node {node[:6]}{', has an ingress' if node in ingress_nodes else ''})"] = calls
-    print(f"\nrouting share: {n} requests (one call each) -> calls per encoder replica {share}; ingress replicas "
-          f"on {len(ingress_nodes)} node(s)")
+    print(
+        f"\nrouting share: {n} requests (one call each) -> calls per encoder replica {share}; ingress replicas "
+        f"on {len(ingress_nodes)} node(s)"
+    )
     assert sum(served.values()) == n
     assert all(c >= n * 0.15 for c in served.values()), share  # an even split is 40 each
 
@@ -346,8 +372,12 @@ def test_killing_a_replica_then_removing_a_worker_node_loses_no_request(cluster,
     log_start = len(svc.log())
     with Load(svc.base_url + "/v1/embeddings", docs_body(tiny_model_dir), threads=4) as load:
         # 1. kill an encoder replica's process while it holds calls
-        victim = wait_for(lambda: next((s for s in encoder_stats(WORKERS).values() if s["in_flight"] > 0), None),
-                          30, every_s=0.1, what="a busy encoder replica")
+        victim = wait_for(
+            lambda: next((s for s in encoder_stats(WORKERS).values() if s["in_flight"] > 0), None),
+            30,
+            every_s=0.1,
+            what="a busy encoder replica",
+        )
         os.kill(victim["pid"], signal.SIGKILL)
         killed_at = len(load.results)
 
@@ -362,9 +392,12 @@ def test_killing_a_replica_then_removing_a_worker_node_loses_no_request(cluster,
         #    but no ingress replica (the proxy it hits is the head's)
         ingress_nodes = {r["node_id"] for r in replicas("EmbeddingsIngress")}
         node_id = next(r["node_id"] for r in replicas("KalmEncoder") if r["node_id"] not in ingress_nodes)
-        busy = wait_for(lambda: any(s["in_flight"] > 0 and s["node_id"] == node_id
-                                    for s in encoder_stats(WORKERS).values()), 30, every_s=0.1,
-                        what="the replica on the node to remove to be busy")
+        busy = wait_for(
+            lambda: any(s["in_flight"] > 0 and s["node_id"] == node_id for s in encoder_stats(WORKERS).values()),
+            30,
+            every_s=0.1,
+            what="the replica on the node to remove to be busy",
+        )
         assert busy
         cluster.remove_node(workers[node_id])
         removed_at = len(load.results)
@@ -372,9 +405,11 @@ def test_killing_a_replica_then_removing_a_worker_node_loses_no_request(cluster,
     failed = [status for _, status, _ in load.results if status != 200]
     log = svc.log()[log_start:]
     retries = collections.Counter(re.findall(r"encoder replica lost \((\w+)\); retrying chunk", log))
-    print(f"\nfault tolerance: {len(load.results)} requests under steady load (4 clients): replica killed after "
-          f"{killed_at}, replaced after {replaced_at}, node removed after {removed_at}; failed: {len(failed)}; "
-          f"chunk retries in the ingress: {dict(retries)}")
+    print(
+        f"\nfault tolerance: {len(load.results)} requests under steady load (4 clients): replica killed after "
+        f"{killed_at}, replaced after {replaced_at}, node removed after {removed_at}; failed: {len(failed)}; "
+        f"chunk retries in the ingress: {dict(retries)}"
+    )
     assert not failed, load.failures[:3]
     assert sum(retries.values()) >= 2  # in-flight work was really lost, once per failure, and retried
     assert len(replicas("KalmEncoder")) == WORKERS - 1  # the third has no GPU node left to go to

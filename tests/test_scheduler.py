@@ -9,10 +9,9 @@ import time
 import numpy as np
 import pytest
 
-from serve_app.batching import plan_batches
-from serve_app.encoder import BatchStats
+from serve_app.batching.planning import BatchStats, plan_batches
+from serve_app.batching.scheduler import TokenBudgetBatcher
 from serve_app.errors import OverloadedError
-from serve_app.scheduler import TokenBudgetBatcher
 
 
 class FakeModel:
@@ -87,8 +86,9 @@ def test_plan_batches_packed_costs_only_real_tokens():
 def test_a_query_batch_is_topped_up_with_bulk_inputs_that_fit():
     """A query does not run as a tiny forward pass of its own, nor wait for a long one."""
     model = FakeModel(seconds_per_token=0.0005)
-    batcher = TokenBudgetBatcher(model.start_batch, 4, max_batch_tokens=256, max_batch_wait_s=0, packed=True,
-                                 interactive_batch_tokens=64)
+    batcher = TokenBudgetBatcher(
+        model.start_batch, 4, max_batch_tokens=256, max_batch_wait_s=0, packed=True, interactive_batch_tokens=64
+    )
 
     async def main():
         bulk = asyncio.create_task(batcher.embed(inputs(100, 30, 60, 20, 90, first=1), "bulk"))
@@ -108,8 +108,15 @@ def test_a_query_batch_is_topped_up_with_bulk_inputs_that_fit():
 def test_a_bulk_input_too_long_for_query_batches_still_runs_under_a_stream_of_queries():
     """Ageing: passed over twice, the oldest bulk input leads the next batch (a query rides in it)."""
     model = FakeModel()
-    batcher = TokenBudgetBatcher(model.start_batch, 4, max_batch_tokens=256, max_batch_wait_s=0, packed=True,
-                                 interactive_batch_tokens=64, interactive_max_share=0.9)
+    batcher = TokenBudgetBatcher(
+        model.start_batch,
+        4,
+        max_batch_tokens=256,
+        max_batch_wait_s=0,
+        packed=True,
+        interactive_batch_tokens=64,
+        interactive_max_share=0.9,
+    )
 
     async def main():
         long = asyncio.create_task(batcher.embed(inputs(200, first=1), "bulk"))  # never fits 64 tokens
@@ -150,7 +157,9 @@ def test_big_request_is_split_and_over_budget_input_runs_alone():
 
 def test_padding_stays_under_the_limit_when_lengths_vary():
     model = FakeModel()
-    batcher = TokenBudgetBatcher(model.start_batch, 4, max_batch_tokens=2048, max_batch_wait_s=0.01, max_padding_fraction=0.1)
+    batcher = TokenBudgetBatcher(
+        model.start_batch, 4, max_batch_tokens=2048, max_batch_wait_s=0.01, max_padding_fraction=0.1
+    )
     rng = np.random.default_rng(0)
     lengths = rng.integers(100, 400, size=200).tolist()
     run(batcher.embed([[1] * n for n in lengths], "bulk"))
@@ -169,8 +178,10 @@ def test_interactive_query_overtakes_queued_bulk_work():
         done.append(name)
 
     async def main():
-        bulk = [asyncio.create_task(tagged(f"bulk{k}", batcher.embed(inputs(32, 32, first=k * 10), "bulk")))
-                for k in range(10)]
+        bulk = [
+            asyncio.create_task(tagged(f"bulk{k}", batcher.embed(inputs(32, 32, first=k * 10), "bulk")))
+            for k in range(10)
+        ]
         await asyncio.sleep(0.01)  # bulk is queued and running
         query = asyncio.create_task(tagged("query", batcher.embed(inputs(6, first=999), "interactive")))
         await asyncio.gather(query, *bulk)
@@ -181,8 +192,9 @@ def test_interactive_query_overtakes_queued_bulk_work():
 
 def test_bulk_work_keeps_its_share_when_queries_could_fill_the_device():
     model = FakeModel(seconds_per_token=0.0005)
-    batcher = TokenBudgetBatcher(model.start_batch, 4, max_batch_tokens=32, max_batch_wait_s=0,
-                                 interactive_max_share=0.5)
+    batcher = TokenBudgetBatcher(
+        model.start_batch, 4, max_batch_tokens=32, max_batch_wait_s=0, interactive_max_share=0.5
+    )
     order: list[str] = []
 
     async def tagged(name, coro):
@@ -190,8 +202,10 @@ def test_bulk_work_keeps_its_share_when_queries_could_fill_the_device():
         order.append(name)
 
     async def main():
-        queries = [asyncio.create_task(tagged(f"q{k}", batcher.embed(inputs(32, first=10 + k), "interactive")))
-                   for k in range(12)]
+        queries = [
+            asyncio.create_task(tagged(f"q{k}", batcher.embed(inputs(32, first=10 + k), "interactive")))
+            for k in range(12)
+        ]
         await asyncio.sleep(0)
         bulk = asyncio.create_task(tagged("bulk", batcher.embed(inputs(32, first=1), "bulk")))
         await asyncio.gather(bulk, *queries)
@@ -301,8 +315,9 @@ def test_a_failing_batch_observer_does_not_stop_the_loop():
     def broken_observer(stats):
         raise ValueError("metrics backend refused the value")
 
-    batcher = TokenBudgetBatcher(FakeModel().start_batch, 4, max_batch_tokens=8, max_batch_wait_s=0,
-                                 on_batch=broken_observer)
+    batcher = TokenBudgetBatcher(
+        FakeModel().start_batch, 4, max_batch_tokens=8, max_batch_wait_s=0, on_batch=broken_observer
+    )
 
     async def main():
         first = await batcher.embed([[1] * 8], "bulk")

@@ -10,11 +10,15 @@ import numpy as np
 import openai
 import pytest
 
-from serve_app.checkpoint import KALM_QUERY_INSTRUCTION
+from serve_app.core.checkpoint import KALM_QUERY_INSTRUCTION
 from tests.service_harness import ServeProcess
 
-TEXTS = ["What is Ray Serve?", "Ray Serve is a scalable model serving library.", "东京是日本的首都。",
-         "Die Katze schläft auf dem Sofa."]
+TEXTS = [
+    "What is Ray Serve?",
+    "Ray Serve is a scalable model serving library.",
+    "东京是日本的首都。",
+    "Die Katze schläft auf dem Sofa.",
+]
 
 
 @pytest.fixture(scope="module")
@@ -64,8 +68,11 @@ def test_openai_client_default_base64_equals_encoder(client, model_id, tiny_enco
     np.testing.assert_allclose(got, tiny_encoder.encode(TEXTS), atol=1e-6)
     np.testing.assert_allclose(np.linalg.norm(got, axis=1), 1.0, atol=1e-6)
     assert response.model == model_id
-    assert response.usage.prompt_tokens == response.usage.total_tokens == sum(
-        len(t.ids) for t in tiny_encoder.tokenizer.encode_texts(TEXTS))
+    assert (
+        response.usage.prompt_tokens
+        == response.usage.total_tokens
+        == sum(len(t.ids) for t in tiny_encoder.tokenizer.encode_texts(TEXTS))
+    )
 
 
 def test_explicit_float_equals_base64(client, model_id):
@@ -82,10 +89,14 @@ def test_base64_is_little_endian_float32(service, model_id, tiny_encoder):
 
 
 def test_dimensions_instruction_and_input_type(client, model_id, tiny_encoder):
-    got = vectors(client.embeddings.create(model=model_id, input=TEXTS, dimensions=16,
-                                           extra_body={"instruction": "Retrieve semantically similar text"}))
-    np.testing.assert_allclose(got, tiny_encoder.encode(TEXTS, instruction="Retrieve semantically similar text",
-                                                        dimensions=16), atol=1e-6)
+    got = vectors(
+        client.embeddings.create(
+            model=model_id, input=TEXTS, dimensions=16, extra_body={"instruction": "Retrieve semantically similar text"}
+        )
+    )
+    np.testing.assert_allclose(
+        got, tiny_encoder.encode(TEXTS, instruction="Retrieve semantically similar text", dimensions=16), atol=1e-6
+    )
     query = vectors(client.embeddings.create(model=model_id, input=TEXTS[:1], extra_body={"input_type": "query"}))
     np.testing.assert_allclose(query, tiny_encoder.encode(TEXTS[:1], instruction=KALM_QUERY_INSTRUCTION), atol=1e-6)
     doc = vectors(client.embeddings.create(model=model_id, input=TEXTS[:1], extra_body={"input_type": "document"}))
@@ -107,8 +118,10 @@ def test_single_string_input(client, model_id, tiny_encoder):
 
 
 def test_concurrent_requests_each_get_their_own_answer(client, model_id, tiny_encoder):
-    cases = [(TEXTS[i % 4:], [None, 8, 32, 64][i % 4], [None, "Find the answer", KALM_QUERY_INSTRUCTION][i % 3])
-             for i in range(24)]
+    cases = [
+        (TEXTS[i % 4 :], [None, 8, 32, 64][i % 4], [None, "Find the answer", KALM_QUERY_INSTRUCTION][i % 3])
+        for i in range(24)
+    ]
 
     def call(case):
         texts, dims, instruction = case
@@ -151,27 +164,30 @@ def test_request_id_and_timing_headers(service, model_id):
 # --- every client mistake is a 400/404 in OpenAI's shape, never a 500 ----------------------
 
 
-@pytest.mark.parametrize("body, param, says", [
-    ({"input": "x"}, "model", "missing"),
-    ({"model": "M", "input": ""}, "input", "empty"),
-    ({"model": "M", "input": []}, "input", "empty"),
-    ({"model": "M", "input": ["ok", ""]}, "input", "input[1]"),
-    ({"model": "M", "input": [[]]}, "input", "empty"),
-    ({"model": "M", "input": 42}, "input", None),
-    ({"model": "M", "input": [1, "a"]}, "input", None),
-    ({"model": "M", "input": [True]}, "input", None),
-    ({"model": "M", "input": "x", "dimensions": 0}, "dimensions", "between 1 and 64"),
-    ({"model": "M", "input": "x", "dimensions": 65}, "dimensions", "between 1 and 64"),
-    ({"model": "M", "input": "x", "dimensions": "8"}, "dimensions", None),
-    ({"model": "M", "input": "x", "encoding_format": "int8"}, "encoding_format", None),
-    ({"model": "M", "input": "x", "input_type": "passage"}, "input_type", None),
-    ({"model": "M", "input": "x", "truncate": "yes"}, "truncate", None),
-    ({"model": "M", "input": "x", "dimension": 8}, "dimension", "unrecognized"),
-    ({"model": "M", "input": [5, 151646]}, "input", "151646"),
-    ({"model": "M", "input": [[5], [-1]]}, "input", "-1"),
-    ({"model": "M", "input": ["x"] * 2049}, "input", "2048"),
-    ({"model": "M", "input": "word " * 40_000}, "input", "limit of 32768"),
-])
+@pytest.mark.parametrize(
+    "body, param, says",
+    [
+        ({"input": "x"}, "model", "missing"),
+        ({"model": "M", "input": ""}, "input", "empty"),
+        ({"model": "M", "input": []}, "input", "empty"),
+        ({"model": "M", "input": ["ok", ""]}, "input", "input[1]"),
+        ({"model": "M", "input": [[]]}, "input", "empty"),
+        ({"model": "M", "input": 42}, "input", None),
+        ({"model": "M", "input": [1, "a"]}, "input", None),
+        ({"model": "M", "input": [True]}, "input", None),
+        ({"model": "M", "input": "x", "dimensions": 0}, "dimensions", "between 1 and 64"),
+        ({"model": "M", "input": "x", "dimensions": 65}, "dimensions", "between 1 and 64"),
+        ({"model": "M", "input": "x", "dimensions": "8"}, "dimensions", None),
+        ({"model": "M", "input": "x", "encoding_format": "int8"}, "encoding_format", None),
+        ({"model": "M", "input": "x", "input_type": "passage"}, "input_type", None),
+        ({"model": "M", "input": "x", "truncate": "yes"}, "truncate", None),
+        ({"model": "M", "input": "x", "dimension": 8}, "dimension", "unrecognized"),
+        ({"model": "M", "input": [5, 151646]}, "input", "151646"),
+        ({"model": "M", "input": [[5], [-1]]}, "input", "-1"),
+        ({"model": "M", "input": ["x"] * 2049}, "input", "2048"),
+        ({"model": "M", "input": "word " * 40_000}, "input", "limit of 32768"),
+    ],
+)
 def test_client_mistakes_are_400(service, model_id, body, param, says):
     if body.get("model") == "M":
         body = {**body, "model": model_id}
@@ -180,14 +196,20 @@ def test_client_mistakes_are_400(service, model_id, body, param, says):
 
 def test_malformed_json_and_non_object_body_are_400(service):
     for raw in (b"{not json", b"[1, 2]", b"", b'"text"'):
-        resp = httpx.post(service.base_url + "/v1/embeddings", content=raw, timeout=30,
-                          headers={"content-type": "application/json"})
+        resp = httpx.post(
+            service.base_url + "/v1/embeddings", content=raw, timeout=30, headers={"content-type": "application/json"}
+        )
         assert_openai_error(resp, 400, "invalid_request_error")
 
 
 def test_unknown_model_is_404(service):
-    err = assert_openai_error(post(service, {"model": "gpt-4", "input": "x"}), 404, "invalid_request_error",
-                              code="model_not_found", param="model")
+    err = assert_openai_error(
+        post(service, {"model": "gpt-4", "input": "x"}),
+        404,
+        "invalid_request_error",
+        code="model_not_found",
+        param="model",
+    )
     assert "gpt-4" in err["message"]
 
 

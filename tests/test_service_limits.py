@@ -35,8 +35,12 @@ def post(service, body, key=KEY, **kwargs):
 
 def test_api_key_required_when_configured(service, model_id):
     for key in (None, "wrong"):
-        assert_openai_error(post(service, {"model": model_id, "input": "hi"}, key=key), 401,
-                            "authentication_error", code="invalid_api_key")
+        assert_openai_error(
+            post(service, {"model": model_id, "input": "hi"}, key=key),
+            401,
+            "authentication_error",
+            code="invalid_api_key",
+        )
     assert httpx.get(service.base_url + "/v1/models").status_code == 401
     good = openai.OpenAI(base_url=service.base_url + "/v1", api_key=KEY, max_retries=0)
     assert len(good.embeddings.create(model=model_id, input="hi").data[0].embedding) == 64
@@ -50,20 +54,35 @@ def test_body_over_the_byte_limit_is_413(service, model_id):
 
 
 def test_too_many_inputs(service, model_id):
-    assert_openai_error(post(service, {"model": model_id, "input": ["a"] * 5}), 400, "invalid_request_error",
-                        param="input", says="at most 4")
+    assert_openai_error(
+        post(service, {"model": model_id, "input": ["a"] * 5}),
+        400,
+        "invalid_request_error",
+        param="input",
+        says="at most 4",
+    )
 
 
 def test_over_long_input_gives_limit_and_length_unless_truncated(service, model_id):
     text = "one two three four five six seven eight nine ten eleven twelve thirteen fourteen fifteen sixteen"
-    err = assert_openai_error(post(service, {"model": model_id, "input": text}), 400, "invalid_request_error",
-                              code="context_length_exceeded", param="input")
+    err = assert_openai_error(
+        post(service, {"model": model_id, "input": text}),
+        400,
+        "invalid_request_error",
+        code="context_length_exceeded",
+        param="input",
+    )
     assert "limit of 16" in err["message"] and "17 tokens" in err["message"]
     ok = post(service, {"model": model_id, "input": text, "truncate": True})
     assert ok.status_code == 200 and ok.json()["usage"]["total_tokens"] == 16
     ids = list(range(100, 120))
-    assert_openai_error(post(service, {"model": model_id, "input": ids}), 400, "invalid_request_error",
-                        code="context_length_exceeded", says="20 tokens")
+    assert_openai_error(
+        post(service, {"model": model_id, "input": ids}),
+        400,
+        "invalid_request_error",
+        code="context_length_exceeded",
+        says="20 tokens",
+    )
     assert post(service, {"model": model_id, "input": ids, "truncate": True}).json()["usage"]["total_tokens"] == 16
 
 
@@ -75,8 +94,9 @@ def test_too_many_tokens_per_request(service, model_id):
 @pytest.fixture(scope="module")
 def overload_service(tiny_model_dir, service):
     # One request at a time per replica, two waiting: everything past that is refused at once.
-    with ServeProcess(tiny_model_dir, deployment_overrides={
-            "KalmEncoder": {"max_ongoing_requests": 1, "max_queued_requests": 2}}) as svc:
+    with ServeProcess(
+        tiny_model_dir, deployment_overrides={"KalmEncoder": {"max_ongoing_requests": 1, "max_queued_requests": 2}}
+    ) as svc:
         yield svc
 
 
@@ -100,5 +120,7 @@ def test_overload_gets_fast_retryable_503_and_admitted_requests_succeed(overload
     for resp in admitted:
         vectors = np.array([d["embedding"] for d in resp.json()["data"]])
         np.testing.assert_allclose(np.linalg.norm(vectors, axis=1), 1.0, atol=1e-5)
-    print(f"overload: {len(overloaded)} refused (max {max(s for _, s in overloaded) * 1e3:.0f} ms), "
-          f"{len(admitted)} admitted")
+    print(
+        f"overload: {len(overloaded)} refused (max {max(s for _, s in overloaded) * 1e3:.0f} ms), "
+        f"{len(admitted)} admitted"
+    )

@@ -27,9 +27,10 @@ import os
 import re
 import sys
 import uuid
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
-from typing import Any, Iterator
+from typing import Any
 
 import orjson
 import pyarrow as pa
@@ -48,10 +49,15 @@ MANIFEST_VERSION = 1
 INDEX_STRIDE = 1024
 
 EXTENSIONS = {
-    ".parquet": "parquet", ".pq": "parquet",
-    ".jsonl": "jsonl", ".ndjson": "jsonl", ".json": "jsonl",
-    ".csv": "csv", ".tsv": "tsv",
-    ".txt": "text", ".text": "text",
+    ".parquet": "parquet",
+    ".pq": "parquet",
+    ".jsonl": "jsonl",
+    ".ndjson": "jsonl",
+    ".json": "jsonl",
+    ".csv": "csv",
+    ".tsv": "tsv",
+    ".txt": "text",
+    ".text": "text",
 }
 FORMATS = ("parquet", "jsonl", "csv", "tsv", "text")
 #: Compressed line formats (``docs.jsonl.gz``) are read through pyarrow's codecs.
@@ -126,8 +132,9 @@ def _glob_match(parts: list[str], pattern: list[str]) -> bool:
     if not pattern:
         return not parts
     if pattern[0] == "**":
-        return any(_glob_match(parts[i:], pattern[1:]) for i in range(len(parts) + 1)
-                   if not any(_hidden(p) for p in parts[:i]))
+        return any(
+            _glob_match(parts[i:], pattern[1:]) for i in range(len(parts) + 1) if not any(_hidden(p) for p in parts[:i])
+        )
     if not parts or (_hidden(parts[0]) and not pattern[0].startswith(parts[0][0])):
         return False
     return fnmatch.fnmatchcase(parts[0], pattern[0]) and _glob_match(parts[1:], pattern[1:])
@@ -152,16 +159,22 @@ def list_inputs(spec: str, forced_format: str | None = None) -> list[InputFile]:
         pattern = parts[static:]
         recursive = len(pattern) > 1 or "**" in pattern
         infos = fs.get_file_info(pafs.FileSelector(base, recursive=recursive, allow_not_found=True))
-        infos = [i for i in infos if i.type == pafs.FileType.File
-                 and _glob_match(i.path[len(base):].strip("/").split("/"), pattern)]
+        infos = [
+            i
+            for i in infos
+            if i.type == pafs.FileType.File and _glob_match(i.path[len(base) :].strip("/").split("/"), pattern)
+        ]
         explicit = False
     else:
         info = fs.get_file_info(path)
         if info.type == pafs.FileType.NotFound:
             raise CorpusError(f"input {spec} does not exist")
         if info.type == pafs.FileType.Directory:
-            infos = [i for i in fs.get_file_info(pafs.FileSelector(path, recursive=True))
-                     if i.type == pafs.FileType.File and not _hidden(i.path[len(path):].strip("/"))]
+            infos = [
+                i
+                for i in fs.get_file_info(pafs.FileSelector(path, recursive=True))
+                if i.type == pafs.FileType.File and not _hidden(i.path[len(path) :].strip("/"))
+            ]
             explicit = False
         else:
             infos, explicit = [info], True
@@ -170,13 +183,16 @@ def list_inputs(spec: str, forced_format: str | None = None) -> list[InputFile]:
         fmt = format_of(info.path, forced_format)
         if fmt is None:
             if explicit:
-                raise CorpusError(f"cannot tell the format of {info.path} from its name; pass --format "
-                                  f"({', '.join(FORMATS)})")
+                raise CorpusError(
+                    f"cannot tell the format of {info.path} from its name; pass --format ({', '.join(FORMATS)})"
+                )
             continue  # a folder or glob may hold other files (README, _SUCCESS, ...)
         files.append(InputFile(prefix + info.path, fmt, info.size or 0, info.mtime_ns))
     if not files:
-        raise CorpusError(f"no input files found at {spec} (known extensions: {', '.join(sorted(EXTENSIONS))}, "
-                          f"optionally compressed {', '.join(COMPRESSED)})")
+        raise CorpusError(
+            f"no input files found at {spec} (known extensions: {', '.join(sorted(EXTENSIONS))}, "
+            f"optionally compressed {', '.join(COMPRESSED)})"
+        )
     return files
 
 
@@ -324,8 +340,9 @@ def _csv_records(f: InputFile, lines: Iterator[bytes], header: list[str], cols: 
         yield size, (id_, text, None)
 
 
-def _line_records(f: InputFile, cols: Columns, offset: int, first_row: int,
-                  header: list[str] | None = None) -> Iterator[tuple[int, tuple | None]]:
+def _line_records(
+    f: InputFile, cols: Columns, offset: int, first_row: int, header: list[str] | None = None
+) -> Iterator[tuple[int, tuple | None]]:
     """``(bytes consumed, record or None for a skipped blank CSV line)`` from ``offset`` on."""
     lines = _open_lines(f, offset)
     if f.format == "text":
@@ -393,7 +410,7 @@ def scan_file(f: InputFile, cols: Columns) -> FileScan:
             scan.id_kind = "int" if pa.types.is_integer(schema.field(cols.id).type) else "str"
         return scan
 
-    header, offset = (_csv_header(f) if f.format in ("csv", "tsv") else (None, 0))
+    header, offset = _csv_header(f) if f.format in ("csv", "tsv") else (None, 0)
     scan = FileScan(rows=0, index=[], columns=header)
     if header is not None:
         scan.has_text = cols.text in header
@@ -444,24 +461,38 @@ class Plan:
         return start, min(self.rows, start + self.rows_per_part)
 
     def columns(self) -> Columns:
-        return Columns(text=self.settings["text_column"],
-                       id=self.settings["id_column"] if self.id_source == "column" else None)
+        return Columns(
+            text=self.settings["text_column"], id=self.settings["id_column"] if self.id_source == "column" else None
+        )
 
     def to_json(self) -> dict:
-        return {"kalm_corpus_manifest": MANIFEST_VERSION, "settings": self.settings,
-                "rows_per_part": self.rows_per_part, "id_source": self.id_source, "id_type": self.id_type,
-                "rows": self.rows, "parts": self.parts, "files": [asdict(f) for f in self.files]}
+        return {
+            "kalm_corpus_manifest": MANIFEST_VERSION,
+            "settings": self.settings,
+            "rows_per_part": self.rows_per_part,
+            "id_source": self.id_source,
+            "id_type": self.id_type,
+            "rows": self.rows,
+            "parts": self.parts,
+            "files": [asdict(f) for f in self.files],
+        }
 
     @classmethod
-    def from_json(cls, doc: dict) -> "Plan":
+    def from_json(cls, doc: dict) -> Plan:
         if doc.get("kalm_corpus_manifest") != MANIFEST_VERSION:
             raise CorpusError(f"unknown manifest version {doc.get('kalm_corpus_manifest')!r}")
-        return cls(settings=doc["settings"], files=[InputFile(**f) for f in doc["files"]],
-                   rows_per_part=doc["rows_per_part"], id_source=doc["id_source"], id_type=doc["id_type"])
+        return cls(
+            settings=doc["settings"],
+            files=[InputFile(**f) for f in doc["files"]],
+            rows_per_part=doc["rows_per_part"],
+            id_source=doc["id_source"],
+            id_type=doc["id_type"],
+        )
 
 
-def make_plan(files: list[InputFile], scans: list[FileScan], settings: dict, rows_per_part: int,
-              id_column_explicit: bool) -> Plan:
+def make_plan(
+    files: list[InputFile], scans: list[FileScan], settings: dict, rows_per_part: int, id_column_explicit: bool
+) -> Plan:
     """Check the scans agree on the columns and fix the id source and type."""
     text_col, id_col = settings["text_column"], settings["id_column"]
     for f, s in zip(files, scans):
@@ -474,11 +505,15 @@ def make_plan(files: list[InputFile], scans: list[FileScan], settings: dict, row
     with_id = [f.uri for f, s in zip(files, scans) if s.has_id]
     without_id = [f.uri for f, s in zip(files, scans) if not s.has_id and s.rows]
     if id_column_explicit and without_id:
-        raise CorpusError(f"--id-column {id_col!r}: not found in {without_id[0]}"
-                          + (f" and {len(without_id) - 1} more file(s)" if len(without_id) > 1 else ""))
+        raise CorpusError(
+            f"--id-column {id_col!r}: not found in {without_id[0]}"
+            + (f" and {len(without_id) - 1} more file(s)" if len(without_id) > 1 else "")
+        )
     if with_id and without_id:
-        raise CorpusError(f"some input files have an id column {id_col!r} ({with_id[0]}) and some do not "
-                          f"({without_id[0]}); ids must come from one place (use --id-column)")
+        raise CorpusError(
+            f"some input files have an id column {id_col!r} ({with_id[0]}) and some do not "
+            f"({without_id[0]}); ids must come from one place (use --id-column)"
+        )
     if with_id:
         kind = None
         for s in scans:
@@ -492,13 +527,20 @@ def check_unchanged(plan: Plan, files: list[InputFile]) -> None:
     before = {f.uri: f for f in plan.files}
     now = {f.uri: f for f in files}
     added, removed = sorted(set(now) - set(before)), sorted(set(before) - set(now))
-    changed = sorted(u for u in set(now) & set(before)
-                     if (now[u].size, now[u].mtime_ns) != (before[u].size, before[u].mtime_ns))
-    problems = [f"{what}: {items[0]}" + (f" and {len(items) - 1} more" if len(items) > 1 else "")
-                for what, items in (("new", added), ("gone", removed), ("changed", changed)) if items]
+    changed = sorted(
+        u for u in set(now) & set(before) if (now[u].size, now[u].mtime_ns) != (before[u].size, before[u].mtime_ns)
+    )
+    problems = [
+        f"{what}: {items[0]}" + (f" and {len(items) - 1} more" if len(items) > 1 else "")
+        for what, items in (("new", added), ("gone", removed), ("changed", changed))
+        if items
+    ]
     if problems:
-        raise CorpusError("the input is not what this output directory was started with ("
-                          + "; ".join(problems) + "); write to a new --output, or remove the old one")
+        raise CorpusError(
+            "the input is not what this output directory was started with ("
+            + "; ".join(problems)
+            + "); write to a new --output, or remove the old one"
+        )
 
 
 # --- reading one part ----------------------------------------------------------------
@@ -514,8 +556,9 @@ class PartRows:
     bad: list[dict] = field(default_factory=list)
 
 
-def _accept(out: PartRows, plan: Plan, f: InputFile, local_row: int, global_row: int,
-            id_: Any, text: Any, reason: str | None) -> None:
+def _accept(
+    out: PartRows, plan: Plan, f: InputFile, local_row: int, global_row: int, id_: Any, text: Any, reason: str | None
+) -> None:
     cols = plan.columns()
     if plan.id_source == "row_number":
         id_ = global_row

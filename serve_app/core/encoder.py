@@ -13,71 +13,24 @@ from __future__ import annotations
 import logging
 import os
 import time
-from dataclasses import dataclass
-from typing import Sequence
+from collections.abc import Sequence
 
 import numpy as np
 import torch
 
+from ..batching.layout import pack_batch, pad_batch, unpack_hidden
+from ..batching.planning import BatchStats, plan_batches
 from .backbone import BidirectionalQwen2, load_backbone
-from .batching import pack_batch, pad_batch, plan_batches, unpack_hidden
 from .checkpoint import ModelFiles, read_model_files
-from .pooling import l2_normalize, pool, truncate_dimensions
+from .device import dtype_name, parse_dtype, resolve_device
+from .pooling import pool
 from .tokenization import TextTokenizer
+from .vectors import l2_normalize, truncate_dimensions
 
 log = logging.getLogger(__name__)
 
 #: Default token budget per forward pass (computed tokens: padding included where batches are padded).
 DEFAULT_MAX_BATCH_TOKENS = {"cpu": 512, "cuda": 16384}
-
-
-def default_device() -> torch.device:
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-
-
-def cpu_has_native_bf16() -> bool:
-    """AVX512-BF16 or AMX: bf16 matmuls in hardware."""
-    checks = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")
-    return any(getattr(torch.cpu, name, lambda: False)() for name in checks)
-
-
-def default_dtype(device: torch.device) -> torch.dtype:
-    """bf16 on CUDA (what the weights ship in) and on CPUs with bf16 in hardware (2.5x the
-    fp32 speed on the project's test machine, an AMD EPYC with AVX512-BF16); fp32 on other
-    CPUs, where bf16 is emulated and slow."""
-    if device.type == "cuda" or (device.type == "cpu" and cpu_has_native_bf16()):
-        return torch.bfloat16
-    return torch.float32
-
-
-def dtype_name(dtype: torch.dtype) -> str:
-    """``bfloat16``, ``float32``, ...: as logs, summaries and ``--dtype`` write it."""
-    return str(dtype).removeprefix("torch.")
-
-
-def parse_dtype(dtype: str | torch.dtype | None, device: torch.device) -> torch.dtype:
-    """``auto`` (or None): ``$KALM_DTYPE`` if set, else :func:`default_dtype`."""
-    if dtype is None or dtype == "auto":
-        dtype = os.environ.get("KALM_DTYPE") or "auto"
-    if dtype == "auto":
-        return default_dtype(device)
-    if isinstance(dtype, torch.dtype):
-        return dtype
-    names = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16,
-             "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16}
-    if dtype not in names:
-        raise ValueError(f"unknown dtype {dtype!r}; use one of {sorted(names)}")
-    return names[dtype]
-
-
-@dataclass(frozen=True)
-class BatchStats:
-    """What one forward pass computed; feeds metrics and benchmarks."""
-
-    rows: int
-    tokens: int  # real tokens
-    padded_tokens: int  # tokens computed, padding included (= tokens when packed)
-    seconds: float
 
 
 class Encoder:
@@ -113,11 +66,11 @@ class Encoder:
         max_input_tokens: int | None = None,
         max_batch_tokens: int | None = None,
         trust_remote_code: bool = False,
-    ) -> "Encoder":
+    ) -> Encoder:
         """Load a hub id or a local directory (sentence-transformers or bare transformers layout)."""
         started = time.perf_counter()
         files = read_model_files(name_or_path)
-        device = torch.device(device) if device is not None else default_device()
+        device = resolve_device(device)
         torch_dtype = parse_dtype(dtype, device)
         model = load_backbone(files, device, torch_dtype, trust_remote_code=trust_remote_code)
         tokenizer = TextTokenizer(files, max_input_tokens)
@@ -125,8 +78,13 @@ class Encoder:
             log.warning("%s is a stand-in checkpoint with RANDOM weights, not the real model", files.path)
         log.info(
             "model loaded: source=%s device=%s dtype=%s pooling=%s normalize=%s max_input_tokens=%d seconds=%.2f",
-            files.path, device, dtype_name(torch_dtype), files.pooling, files.normalize,
-            tokenizer.max_input_tokens, time.perf_counter() - started,
+            files.path,
+            device,
+            dtype_name(torch_dtype),
+            files.pooling,
+            files.normalize,
+            tokenizer.max_input_tokens,
+            time.perf_counter() - started,
         )
         return cls(files, model, tokenizer, device, torch_dtype, max_batch_tokens)
 
@@ -164,7 +122,7 @@ class Encoder:
 
     # --- one forward pass --------------------------------------------------------------
 
-    def start_batch(self, token_ids: Sequence[Sequence[int]]) -> "BatchRun":
+    def start_batch(self, token_ids: Sequence[Sequence[int]]) -> BatchRun:
         """A forward pass over ``token_ids`` as one batch, run with ``BatchRun.run``."""
         return BatchRun(self, token_ids)
 
@@ -201,8 +159,10 @@ class BatchRun:
             self.computed_tokens = self.tokens
         else:
             input_ids, attention_mask = pad_batch(token_ids, encoder.tokenizer.pad_token_id)
-            self.inputs = {"input_ids": input_ids.to(encoder.device, non_blocking=True),
-                           "attention_mask": attention_mask.to(encoder.device, non_blocking=True)}
+            self.inputs = {
+                "input_ids": input_ids.to(encoder.device, non_blocking=True),
+                "attention_mask": attention_mask.to(encoder.device, non_blocking=True),
+            }
             self.computed_tokens = input_ids.numel()
         self.compute_s = 0.0
         self._state = None
@@ -237,6 +197,7 @@ class BatchRun:
 
     def result(self) -> tuple[np.ndarray, BatchStats]:
         assert self._vectors is not None, "the batch has not finished"
-        stats = BatchStats(rows=self.rows, tokens=self.tokens, padded_tokens=self.computed_tokens,
-                           seconds=self.compute_s)
+        stats = BatchStats(
+            rows=self.rows, tokens=self.tokens, padded_tokens=self.computed_tokens, seconds=self.compute_s
+        )
         return self._vectors, stats

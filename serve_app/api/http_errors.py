@@ -8,7 +8,7 @@ import orjson
 from pydantic import ValidationError
 from starlette.responses import Response
 
-from . import errors
+from .. import errors
 
 # error class -> (HTTP status, OpenAI error type, code). First match wins (subclasses first).
 ERROR_TABLE: list[tuple[type[Exception], int, str, str | None]] = [

@@ -8,15 +8,15 @@ from __future__ import annotations
 
 import base64
 from dataclasses import dataclass
-from typing import Literal, Union
+from typing import Literal
 
 import numpy as np
 import orjson
 from pydantic import BaseModel, ConfigDict, StrictBool, StrictInt, StrictStr
 
-from .config import ServiceConfig
-from .errors import InvalidRequestError, ModelNotFoundError
-from .tokenization import TextTokenizer
+from ..config import ServiceConfig
+from ..core.tokenization import TextTokenizer
+from ..errors import InvalidRequestError, ModelNotFoundError
 
 Priority = Literal["interactive", "bulk"]
 
@@ -27,7 +27,7 @@ class EmbeddingRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     model: StrictStr
-    input: Union[StrictStr, list[StrictStr], list[StrictInt], list[list[StrictInt]]]
+    input: StrictStr | list[StrictStr] | list[StrictInt] | list[list[StrictInt]]
     encoding_format: Literal["float", "base64"] = "float"
     dimensions: StrictInt | None = None
     user: StrictStr | None = None
@@ -79,7 +79,7 @@ def validate_request(
         raise InvalidRequestError("instruction must not be empty", param="instruction")
 
     if isinstance(inputs[0], str):
-        prompt = _prompt(req, config, tokenizer)
+        prompt = tokenizer.request_prompt(req.instruction, req.input_type, config.default_query_instruction)
         tokenized = tokenizer.encode_texts(inputs, prompt=prompt, truncate=req.truncate)
     else:
         if req.instruction is not None or req.input_type == "query":
@@ -91,37 +91,33 @@ def validate_request(
     if n_tokens > config.max_request_tokens:
         raise InvalidRequestError(
             f"the request has {n_tokens} tokens in total; at most {config.max_request_tokens} are allowed "
-            f"per request: split it", param="input",
+            f"per request: split it",
+            param="input",
         )
     priority = req.priority or ("interactive" if n_tokens <= config.interactive_max_tokens else "bulk")
     return PreparedRequest(token_ids, n_tokens, req.dimensions, req.encoding_format, priority)
-
-
-def _prompt(req: EmbeddingRequest, config: ServiceConfig, tokenizer: TextTokenizer) -> str:
-    if req.instruction is not None:
-        return tokenizer.prompt_for(instruction=req.instruction)
-    if req.input_type == "query":
-        if config.default_query_instruction is not None:
-            return tokenizer.prompt_for(instruction=config.default_query_instruction)
-        return tokenizer.prompt_for(prompt_name="query") if "query" in tokenizer.prompts else ""
-    if req.input_type == "document":
-        return tokenizer.prompts.get("document", "")
-    return tokenizer.prompt_for()
 
 
 def render_embeddings(vectors: np.ndarray, encoding_format: str, model_id: str, n_tokens: int) -> bytes:
     """The response body; base64 is little-endian float32 bytes, as the openai client decodes it."""
     vectors = np.ascontiguousarray(vectors, dtype="<f4")
     if encoding_format == "base64":
-        data = [{"object": "embedding", "index": i, "embedding": base64.b64encode(v.tobytes()).decode("ascii")}
-                for i, v in enumerate(vectors)]
+        data = [
+            {"object": "embedding", "index": i, "embedding": base64.b64encode(v.tobytes()).decode("ascii")}
+            for i, v in enumerate(vectors)
+        ]
     else:
         data = [{"object": "embedding", "index": i, "embedding": v} for i, v in enumerate(vectors)]
-    body = {"object": "list", "model": model_id, "data": data,
-            "usage": {"prompt_tokens": n_tokens, "total_tokens": n_tokens}}
+    body = {
+        "object": "list",
+        "model": model_id,
+        "data": data,
+        "usage": {"prompt_tokens": n_tokens, "total_tokens": n_tokens},
+    }
     return orjson.dumps(body, option=orjson.OPT_SERIALIZE_NUMPY)
 
 
 def render_models(model_id: str, created: int, owned_by: str = "kalm-serve") -> bytes:
-    return orjson.dumps({"object": "list", "data": [
-        {"id": model_id, "object": "model", "owned_by": owned_by, "created": created}]})
+    return orjson.dumps(
+        {"object": "list", "data": [{"id": model_id, "object": "model", "owned_by": owned_by, "created": created}]}
+    )

@@ -45,7 +45,7 @@ class TokenBacklogPolicy:
         autoscaling_config:
           target_ongoing_requests: 128
           policy:
-            policy_function: serve_app.autoscaling:TokenBacklogPolicy
+            policy_function: serve_app.serve.autoscaling:TokenBacklogPolicy
             policy_kwargs: {target_batches_per_replica: 4}
     """
 
@@ -68,14 +68,24 @@ class TokenBacklogPolicy:
         bounds = ctx.capacity_adjusted_min_replicas, ctx.capacity_adjusted_max_replicas
         wanted = min(max(math.ceil(desired - 1e-9), bounds[0]), bounds[1])
         if wanted != self._last_logged and wanted != replicas:
-            log.info("autoscaling %s: %d replica(s) running, backlog %.1f batches, %.1f requests "
-                     "(%.1f queued) -> wants %.2f, i.e. %d within [%d, %d]", ctx.deployment_name, replicas,
-                     state["backlog_batches"], state["requests"], state["queued_requests"], desired, wanted, *bounds)
+            log.info(
+                "autoscaling %s: %d replica(s) running, backlog %.1f batches, %.1f requests "
+                "(%.1f queued) -> wants %.2f, i.e. %d within [%d, %d]",
+                ctx.deployment_name,
+                replicas,
+                state["backlog_batches"],
+                state["requests"],
+                state["queued_requests"],
+                desired,
+                wanted,
+                *bounds,
+            )
         self._last_logged = wanted
         return desired, state
 
-    def desired_replicas(self, requests: float, queued: float, backlog: float,
-                         target_ongoing_requests: float) -> tuple[float, dict[str, float]]:
+    def desired_replicas(
+        self, requests: float, queued: float, backlog: float, target_ongoing_requests: float
+    ) -> tuple[float, dict[str, float]]:
         """The number of replicas wanted (before Serve's bounds and delays); pure, for tests."""
         running = max(requests - queued, 0.0)
         if queued > 0 and running > 0:
@@ -83,5 +93,10 @@ class TokenBacklogPolicy:
         by_tokens = min(backlog / self.target_batches, requests)
         by_requests = requests / target_ongoing_requests
         desired = max(by_tokens, by_requests)
-        return desired, {"backlog_batches": backlog, "requests": requests, "queued_requests": queued,
-                         "by_tokens": by_tokens, "by_requests": by_requests}
+        return desired, {
+            "backlog_batches": backlog,
+            "requests": requests,
+            "queued_requests": queued,
+            "by_tokens": by_tokens,
+            "by_requests": by_requests,
+        }

@@ -5,11 +5,9 @@ Request flow: body (size-limited) → ``EmbeddingRequest`` → ``validate_reques
 Matryoshka truncation → float or base64 answer.
 """
 
-
 import asyncio
 import hmac
 import logging
-import os
 import time
 import uuid
 
@@ -17,23 +15,35 @@ import numpy as np
 import orjson
 from fastapi import FastAPI, Request
 from ray import serve
-from ray.exceptions import (ActorDiedError, ActorUnavailableError, NodeDiedError, ObjectLostError, RayActorError,
-                            WorkerCrashedError)
+from ray.exceptions import (
+    ActorDiedError,
+    ActorUnavailableError,
+    NodeDiedError,
+    ObjectLostError,
+    RayActorError,
+    WorkerCrashedError,
+)
 from ray.serve.exceptions import BackPressureError
 from ray.serve.handle import DeploymentHandle
 from starlette.responses import Response
 
-from .batching import plan_batches
-from .checkpoint import read_model_files
-from .config import ServiceConfig
-from .errors import (AuthenticationError, InvalidRequestError, OverloadedError, PayloadTooLargeError,
-                     RequestTimeoutError)
-from .http_errors import error_response, status_of
+from .. import environment
+from ..api.http_errors import error_response, status_of
+from ..api.protocol import EmbeddingRequest, PreparedRequest, render_embeddings, render_models, validate_request
+from ..batching.planning import plan_batches
+from ..config import ServiceConfig
+from ..core.checkpoint import read_model_files
+from ..core.tokenization import TextTokenizer
+from ..core.vectors import truncate_dimensions
+from ..errors import (
+    AuthenticationError,
+    InvalidRequestError,
+    OverloadedError,
+    PayloadTooLargeError,
+    RequestTimeoutError,
+)
 from .logs import route_core_logs_to_serve
 from .metrics import IngressMetrics
-from .pooling import truncate_dimensions
-from .protocol import EmbeddingRequest, PreparedRequest, render_embeddings, render_models, validate_request
-from .tokenization import TextTokenizer
 
 log = logging.getLogger("ray.serve")
 
@@ -43,14 +53,9 @@ app = FastAPI(title="KaLM embeddings", docs_url=None, redoc_url=None)
 #: process that dies mid-call, or the node under it, gives ActorDiedError; an unreachable
 #: one ActorUnavailableError (both RayActorError); a finished result that lived in the object
 #: store of a node that is gone, ObjectLostError.
-RETRYABLE = (ActorDiedError, ActorUnavailableError, RayActorError, ObjectLostError, WorkerCrashedError,
-             NodeDiedError)
+RETRYABLE = (ActorDiedError, ActorUnavailableError, RayActorError, ObjectLostError, WorkerCrashedError, NodeDiedError)
 MAX_ATTEMPTS = 5
 RETRY_BACKOFF_S = 0.1  # before attempt 2; doubled for each further one (the request timeout bounds it all)
-
-
-def api_keys_from_env() -> list[str]:
-    return [k.strip() for k in os.environ.get("KALM_API_KEYS", "").split(",") if k.strip()]
 
 
 def _ms(seconds: float) -> str:
@@ -71,11 +76,15 @@ class EmbeddingsIngress:
         self.tokenizer = TextTokenizer(files, cfg.max_input_tokens)
         self.native_dimensions = files.hidden_size
         self.encoder = encoder
-        self.api_keys = [k.encode() for k in api_keys_from_env()]
+        self.api_keys = [k.encode() for k in environment.api_keys()]
         self.metrics = IngressMetrics()
         self.created = int(time.time())
-        log.info("ingress ready: model_id=%s max_input_tokens=%d api_keys=%s",
-                 cfg.model_id, self.tokenizer.max_input_tokens, "on" if self.api_keys else "off")
+        log.info(
+            "ingress ready: model_id=%s max_input_tokens=%d api_keys=%s",
+            cfg.model_id,
+            self.tokenizer.max_input_tokens,
+            "on" if self.api_keys else "off",
+        )
 
     # --- routes ----------------------------------------------------------------------
 
@@ -96,8 +105,9 @@ class EmbeddingsIngress:
         try:
             await asyncio.wait_for(self.encoder.health.remote(), timeout=5)
         except Exception as exc:  # no replica ready yet, or all busy starting
-            return Response(orjson.dumps({"status": "starting", "detail": type(exc).__name__}), 503,
-                            media_type="application/json")
+            return Response(
+                orjson.dumps({"status": "starting", "detail": type(exc).__name__}), 503, media_type="application/json"
+            )
         return Response(b'{"status":"ok"}', media_type="application/json")
 
     # --- one place for ids, errors, logs and metrics ----------------------------------
@@ -116,21 +126,33 @@ class EmbeddingsIngress:
             response = error_response(exc, request_id)
         total_s = time.perf_counter() - started
         if "inputs" in timings and response.status_code == 200:
-            response.headers.update({
-                "x-total-time": _ms(total_s),
-                "x-tokenization-time": _ms(timings["tokenization_s"]),
-                "x-queue-time": _ms(timings["queue_s"]),
-                "x-inference-time": _ms(timings["inference_s"]),
-                "x-compute-tokens": str(timings["tokens"]),
-            })
+            response.headers.update(
+                {
+                    "x-total-time": _ms(total_s),
+                    "x-tokenization-time": _ms(timings["tokenization_s"]),
+                    "x-queue-time": _ms(timings["queue_s"]),
+                    "x-inference-time": _ms(timings["inference_s"]),
+                    "x-compute-tokens": str(timings["tokens"]),
+                }
+            )
         self.metrics.record(route, response.status_code, total_s)
         # One structured line per request; never the texts.
-        log.info("request " + orjson.dumps({
-            "request_id": request_id, "route": route, "status": response.status_code,
-            "inputs": timings.get("inputs"), "tokens": timings.get("tokens"), "total_ms": round(total_s * 1e3, 2),
-            "tokenization_ms": _round_ms(timings.get("tokenization_s")), "queue_ms": _round_ms(timings.get("queue_s")),
-            "inference_ms": _round_ms(timings.get("inference_s")),
-        }).decode())
+        log.info(
+            "request "
+            + orjson.dumps(
+                {
+                    "request_id": request_id,
+                    "route": route,
+                    "status": response.status_code,
+                    "inputs": timings.get("inputs"),
+                    "tokens": timings.get("tokens"),
+                    "total_ms": round(total_s * 1e3, 2),
+                    "tokenization_ms": _round_ms(timings.get("tokenization_s")),
+                    "queue_ms": _round_ms(timings.get("queue_s")),
+                    "inference_ms": _round_ms(timings.get("inference_s")),
+                }
+            ).decode()
+        )
         return response
 
     # --- /v1/embeddings ---------------------------------------------------------------
@@ -145,17 +167,20 @@ class EmbeddingsIngress:
             raise InvalidRequestError(f"request body is not valid JSON: {exc}") from None
         req = EmbeddingRequest.model_validate(parsed)
         # Tokenisation is CPU work: keep the event loop free for other requests meanwhile.
-        prepared = await asyncio.to_thread(validate_request, req, self.config, self.tokenizer,
-                                           self.native_dimensions)
-        timings.update(tokenization_s=time.perf_counter() - t0, inputs=len(prepared.token_ids),
-                       tokens=prepared.n_tokens)
+        prepared = await asyncio.to_thread(validate_request, req, self.config, self.tokenizer, self.native_dimensions)
+        timings.update(
+            tokenization_s=time.perf_counter() - t0, inputs=len(prepared.token_ids), tokens=prepared.n_tokens
+        )
         vectors, queue_s, inference_s = await self._embed(prepared)
         timings.update(queue_s=queue_s, inference_s=inference_s)
-        self.metrics.record_embedding(len(prepared.token_ids), prepared.n_tokens, timings["tokenization_s"],
-                                      queue_s, inference_s)
+        self.metrics.record_embedding(
+            len(prepared.token_ids), prepared.n_tokens, timings["tokenization_s"], queue_s, inference_s
+        )
         vectors = truncate_dimensions(vectors, prepared.dimensions)
-        return Response(render_embeddings(vectors, prepared.encoding_format, self.config.model_id,
-                                          prepared.n_tokens), media_type="application/json")
+        return Response(
+            render_embeddings(vectors, prepared.encoding_format, self.config.model_id, prepared.n_tokens),
+            media_type="application/json",
+        )
 
     async def _embed(self, prepared: PreparedRequest) -> tuple[np.ndarray, float, float]:
         """Send the request in chunks (spread over replicas); reassemble in input order."""

@@ -1,6 +1,6 @@
 """Write a stand-in checkpoint: KaLM v2's architecture and tokenizer, RANDOM weights.
 
-    python -m serve_app.standin OUT_DIR [--size tiny|full] [--eos|--no-eos]
+    python -m serve_app.testing.standin OUT_DIR [--size tiny|full] [--eos|--no-eos]
 
 The real weights live on the Hugging Face hub; where it cannot be reached, tests and
 benchmarks use this instead. ``full`` has KaLM v2's exact shape (494,032,768
@@ -19,7 +19,7 @@ from pathlib import Path
 
 import torch
 
-from .checkpoint import KALM_QUERY_INSTRUCTION, SYMMETRIC_INSTRUCTION, instruction_prompt
+from ..core.checkpoint import KALM_QUERY_INSTRUCTION, SYMMETRIC_INSTRUCTION, instruction_prompt
 
 ENDOFTEXT, IM_START, IM_END = "<|endoftext|>", "<|im_start|>", "<|im_end|>"
 SPECIAL_TOKENS = [ENDOFTEXT, IM_START, IM_END]  # ids 151643, 151644, 151645
@@ -27,15 +27,17 @@ MAX_SEQ_LENGTH = 32768
 NOTICE = (
     "STAND-IN CHECKPOINT WITH RANDOM WEIGHTS. It has the architecture and tokenizer of "
     "HIT-TMG/KaLM-embedding-multilingual-mini-instruct-v2 but its embeddings are meaningless. "
-    "Written by `python -m serve_app.standin` for tests and benchmarks."
+    "Written by `python -m serve_app.testing.standin` for tests and benchmarks."
 )
 
 # Qwen2-0.5B, as in the hub's config.json (transformers 4.x field names).
 SIZES = {
-    "full": dict(hidden_size=896, intermediate_size=4864, num_hidden_layers=24,
-                 num_attention_heads=14, num_key_value_heads=2),
-    "tiny": dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                 num_attention_heads=4, num_key_value_heads=2),
+    "full": dict(
+        hidden_size=896, intermediate_size=4864, num_hidden_layers=24, num_attention_heads=14, num_key_value_heads=2
+    ),
+    "tiny": dict(
+        hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2
+    ),
 }
 
 
@@ -57,16 +59,22 @@ def build_qwen2_tokenizer(append_eos: bool):
     from tokenizers import normalizers, processors
     from transformers.convert_slow_tokenizer import TikTokenConverter
 
-    tok = TikTokenConverter(vocab_file=str(qwen_tiktoken_file()), pattern=PAT_STR,
-                            extra_special_tokens=SPECIAL_TOKENS).converted()
+    tok = TikTokenConverter(
+        vocab_file=str(qwen_tiktoken_file()), pattern=PAT_STR, extra_special_tokens=SPECIAL_TOKENS
+    ).converted()
     tok.normalizer = normalizers.NFC()
     if append_eos:
         eos_id = tok.token_to_id(ENDOFTEXT)
-        tok.post_processor = processors.Sequence([
-            processors.ByteLevel(trim_offsets=False),
-            processors.TemplateProcessing(single=f"$A {ENDOFTEXT}", pair=f"$A {ENDOFTEXT} $B {ENDOFTEXT}",
-                                          special_tokens=[(ENDOFTEXT, eos_id)]),
-        ])
+        tok.post_processor = processors.Sequence(
+            [
+                processors.ByteLevel(trim_offsets=False),
+                processors.TemplateProcessing(
+                    single=f"$A {ENDOFTEXT}",
+                    pair=f"$A {ENDOFTEXT} $B {ENDOFTEXT}",
+                    special_tokens=[(ENDOFTEXT, eos_id)],
+                ),
+            ]
+        )
     return tok
 
 
@@ -106,13 +114,18 @@ def random_weights(config: dict, seed: int, dtype: torch.dtype, prefix: str) -> 
         if name.endswith("norm.weight"):  # RMSNorm gains near 1 keep activations sane
             t = 1.0 + 0.1 * torch.randn(shape, generator=gen)
         else:
-            t = 0.02 * torch.randn(shape, generator=gen) if "weight" in name else 0.05 * torch.randn(shape, generator=gen)
+            t = (
+                0.02 * torch.randn(shape, generator=gen)
+                if "weight" in name
+                else 0.05 * torch.randn(shape, generator=gen)
+            )
         weights[prefix + name] = t.to(dtype).contiguous()
     return weights
 
 
-def write_standin(out_dir: str | Path, size: str = "tiny", append_eos: bool = True, seed: int = 0,
-                  weight_prefix: str = "") -> Path:
+def write_standin(
+    out_dir: str | Path, size: str = "tiny", append_eos: bool = True, seed: int = 0, weight_prefix: str = ""
+) -> Path:
     """Write a complete sentence-transformers-layout model directory; returns its path."""
     from safetensors.torch import save_file
 
@@ -120,8 +133,11 @@ def write_standin(out_dir: str | Path, size: str = "tiny", append_eos: bool = Tr
     (out / "1_Pooling").mkdir(parents=True, exist_ok=True)
     config = qwen2_config(size)
     dtype = torch.bfloat16 if size == "full" else torch.float32
-    save_file(random_weights(config, seed, dtype, weight_prefix), str(out / "model.safetensors"),
-              metadata={"format": "pt", "notice": NOTICE})
+    save_file(
+        random_weights(config, seed, dtype, weight_prefix),
+        str(out / "model.safetensors"),
+        metadata={"format": "pt", "notice": NOTICE},
+    )
 
     build_qwen2_tokenizer(append_eos).save(str(out / "tokenizer.json"))
     files = {
@@ -172,12 +188,18 @@ def write_standin(out_dir: str | Path, size: str = "tiny", append_eos: bool = Tr
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("out_dir")
     parser.add_argument("--size", choices=sorted(SIZES), default="tiny")
-    parser.add_argument("--eos", dest="append_eos", action=argparse.BooleanOptionalAction, default=True,
-                        help="tokenizer appends <|endoftext|> to every text (default: yes, like KaLM v2.5)")
+    parser.add_argument(
+        "--eos",
+        dest="append_eos",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="tokenizer appends <|endoftext|> to every text (default: yes, like KaLM v2.5)",
+    )
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--weight-prefix", default="", help='prefix for tensor names, e.g. "model."')
     args = parser.parse_args(argv)

@@ -14,7 +14,7 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .errors import ModelLoadError
+from ..errors import ModelLoadError
 
 log = logging.getLogger(__name__)
 
@@ -162,12 +162,12 @@ def _pooling_mode(cfg: dict) -> str:
 
 
 def main() -> None:
-    """``python -m serve_app.checkpoint [MODEL]``: check a model can be found, before starting Ray."""
+    """``python -m serve_app.core.checkpoint [MODEL]``: check a model can be found, before starting Ray."""
     import sys
 
-    from .config import ServiceConfig
+    from .. import environment
 
-    model = sys.argv[1] if len(sys.argv) > 1 else ServiceConfig().model
+    model = sys.argv[1] if len(sys.argv) > 1 else environment.model()
     try:
         files = read_model_files(model)
     except ModelLoadError as exc:

@@ -4,16 +4,24 @@ Special tokens come from the tokenizer's own post-processor (KaLM v2.5 appends
 ``<|endoftext|>``, v2 may not): nothing is added or dropped by hand. Prompts
 (query instructions) are prepended to the text before tokenisation, as
 sentence-transformers does.
+
+Runs on the ``tokenizers`` library alone (the model directory's ``tokenizer.json``), so
+the ingress, which tokenises every request, never imports transformers or torch. Only a
+directory without ``tokenizer.json`` goes through transformers, to convert its slow
+tokenizer once.
 """
 
 from __future__ import annotations
 
+import json
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
 
+from tokenizers import Tokenizer
+
+from ..errors import InputTooLongError, InvalidRequestError, TokenIdOutOfRangeError
 from .checkpoint import ModelFiles, instruction_prompt
-from .errors import InputTooLongError, InvalidRequestError, TokenIdOutOfRangeError
 
 
 @dataclass(frozen=True)
@@ -28,19 +36,17 @@ class TextTokenizer:
     """Formats prompts, tokenises, enforces the per-input token limit."""
 
     def __init__(self, files: ModelFiles, max_input_tokens: int | None = None):
-        from transformers import AutoTokenizer
-
-        self.tokenizer = AutoTokenizer.from_pretrained(str(files.path), trust_remote_code=False)
+        self.tokenizer = load_tokenizer(files.path)
         self.prompts = dict(files.prompts)
         self.default_prompt_name = files.default_prompt_name
         model_limit = files.max_input_tokens
         self.max_input_tokens = min(max_input_tokens or model_limit, model_limit)
         # Ids the model can embed: the tokenizer's ids (regular + special), nothing beyond.
-        self.vocab_size = len(self.tokenizer)
-        self.pad_token_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
+        self.vocab_size = self.tokenizer.get_vocab_size(with_added_tokens=True)
+        self.pad_token_id = pad_token_id(files.path, self.tokenizer)
 
     @classmethod
-    def from_dir(cls, path: str | Path, max_input_tokens: int | None = None) -> "TextTokenizer":
+    def from_dir(cls, path: str | Path, max_input_tokens: int | None = None) -> TextTokenizer:
         from .checkpoint import read_model_files
 
         return cls(read_model_files(path), max_input_tokens)
@@ -61,6 +67,27 @@ class TextTokenizer:
             )
         return self.prompts[name]
 
+    def request_prompt(
+        self,
+        instruction: str | None = None,
+        input_type: str | None = None,
+        default_query_instruction: str | None = None,
+    ) -> str:
+        """The prefix for the API's ``instruction`` / ``input_type`` fields (the service and the corpus job).
+
+        ``input_type: query`` uses ``default_query_instruction`` when one is configured, else the
+        model's ``query`` prompt; ``document`` the model's ``document`` prompt (usually none).
+        """
+        if instruction is not None:
+            return self.prompt_for(instruction=instruction)
+        if input_type == "query":
+            if default_query_instruction is not None:
+                return self.prompt_for(instruction=default_query_instruction)
+            return self.prompt_for(prompt_name="query") if "query" in self.prompts else ""
+        if input_type == "document":
+            return self.prompts.get("document", "")
+        return self.prompt_for()
+
     # --- texts ---------------------------------------------------------------------
 
     def encode_texts(
@@ -76,22 +103,18 @@ class TextTokenizer:
             if not text:
                 raise InvalidRequestError(f"input[{i}] is an empty string", param="input")
         full = [prompt + t for t in texts] if prompt else list(texts)
-        ids = self.tokenizer(full, add_special_tokens=True, truncation=False, verbose=False)["input_ids"]
-        out = [TokenizedInput(list(x)) for x in ids]
+        out = [TokenizedInput(e.ids) for e in self.tokenizer.encode_batch(full, add_special_tokens=True)]
         too_long = [i for i, x in enumerate(out) if len(x.ids) > self.max_input_tokens]
         if too_long and not truncate:
             first = too_long[0]
             raise InputTooLongError(first, len(out[first].ids), self.max_input_tokens)
         if too_long:
             # Let the tokenizer cut, so special tokens its post-processor adds are kept.
-            cut = self.tokenizer(
-                [full[i] for i in too_long],
-                add_special_tokens=True,
-                truncation=True,
-                max_length=self.max_input_tokens,
-            )["input_ids"]
-            for i, x in zip(too_long, cut):
-                out[i] = TokenizedInput(list(x), truncated=True)
+            cutter = Tokenizer.from_str(self.tokenizer.to_str())
+            cutter.enable_truncation(self.max_input_tokens)
+            cut = cutter.encode_batch([full[i] for i in too_long], add_special_tokens=True)
+            for i, e in zip(too_long, cut):
+                out[i] = TokenizedInput(e.ids, truncated=True)
         return out
 
     # --- token ids -----------------------------------------------------------------
@@ -116,3 +139,27 @@ class TextTokenizer:
             else:
                 out.append(TokenizedInput(list(ids)))
         return out
+
+
+def load_tokenizer(path: Path) -> Tokenizer:
+    """The directory's fast tokenizer: ``tokenizer.json``, else converted from its slow files."""
+    if (path / "tokenizer.json").is_file():
+        tokenizer = Tokenizer.from_file(str(path / "tokenizer.json"))
+    else:
+        from transformers import AutoTokenizer
+
+        tokenizer = AutoTokenizer.from_pretrained(str(path), trust_remote_code=False).backend_tokenizer
+    # Some files carry padding and truncation settings (BERT-likes: 128 tokens); the limits here decide.
+    tokenizer.no_padding()
+    tokenizer.no_truncation()
+    return tokenizer
+
+
+def pad_token_id(path: Path, tokenizer: Tokenizer) -> int:
+    """The ``pad_token`` of ``tokenizer_config.json`` (a string or ``{"content": ...}``), else 0."""
+    config_file = path / "tokenizer_config.json"
+    config = json.loads(config_file.read_text()) if config_file.is_file() else {}
+    pad = config.get("pad_token")
+    pad = pad.get("content") if isinstance(pad, dict) else pad
+    found = tokenizer.token_to_id(pad) if pad else None
+    return found if found is not None else 0

@@ -24,8 +24,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from ..errors import MissingWeightsError, ModelLoadError
 from .checkpoint import ModelFiles
-from .errors import MissingWeightsError, ModelLoadError
 
 log = logging.getLogger(__name__)
 
@@ -43,8 +43,10 @@ def span_attention(module, query, key, value, attention_mask, spans=None, **kwar
 
     if spans is None:
         return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
-    outputs = [sdpa_attention_forward(module, query[:, :, a:b], key[:, :, a:b], value[:, :, a:b], None, **kwargs)[0]
-               for a, b in spans]
+    outputs = [
+        sdpa_attention_forward(module, query[:, :, a:b], key[:, :, a:b], value[:, :, a:b], None, **kwargs)[0]
+        for a, b in spans
+    ]
     return torch.cat(outputs, dim=1), None
 
 
@@ -95,8 +97,12 @@ class BidirectionalQwen2(nn.Module):
     def config(self):
         return self.qwen2.config
 
-    def begin(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
-              spans: list[tuple[int, int]] | None = None) -> LayerState:
+    def begin(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        spans: list[tuple[int, int]] | None = None,
+    ) -> LayerState:
         """Padded batch (``attention_mask`` [rows, len]) or one packed row (``spans``)."""
         hidden = self.qwen2.embed_tokens(input_ids)
         if spans is not None:
@@ -112,18 +118,27 @@ class BidirectionalQwen2(nn.Module):
     def advance(self, state: LayerState, layers: int | None = None) -> bool:
         """Run up to ``layers`` more layers (all by default); True once the last has run."""
         stop = self.num_layers if layers is None else min(self.num_layers, state.next_layer + layers)
-        for layer in self.qwen2.layers[state.next_layer:stop]:
-            state.hidden = layer(state.hidden, attention_mask=state.mask, position_ids=state.position_ids,
-                                 position_embeddings=state.position_embeddings, use_cache=False,
-                                 spans=state.spans)
+        for layer in self.qwen2.layers[state.next_layer : stop]:
+            state.hidden = layer(
+                state.hidden,
+                attention_mask=state.mask,
+                position_ids=state.position_ids,
+                position_embeddings=state.position_embeddings,
+                use_cache=False,
+                spans=state.spans,
+            )
         state.next_layer = stop
         return stop == self.num_layers
 
     def end(self, state: LayerState) -> torch.Tensor:
         return self.qwen2.norm(state.hidden)
 
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
-                spans: list[tuple[int, int]] | None = None) -> torch.Tensor:
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        spans: list[tuple[int, int]] | None = None,
+    ) -> torch.Tensor:
         state = self.begin(input_ids, attention_mask, spans)
         self.advance(state)
         return self.end(state)

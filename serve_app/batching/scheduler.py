@@ -39,23 +39,24 @@ import itertools
 import logging
 import time
 from collections import deque
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Callable, Iterator, Protocol, Sequence
+from typing import Protocol
 
 import numpy as np
 
-from .batching import batch_cost
-from .encoder import BatchStats
-from .errors import OverloadedError
+from ..errors import OverloadedError
+from .planning import BatchStats, batch_cost
 
 log = logging.getLogger(__name__)
 
+
 class BatchRunner(Protocol):
-    """A forward pass that can stop between layers (``serve_app.encoder.BatchRun``)."""
+    """A forward pass that can stop between layers (``serve_app.core.encoder.BatchRun``)."""
 
     def run(self, should_yield: Callable[[], bool] | None = None) -> bool: ...
-    def result(self) -> "tuple[np.ndarray, BatchStats]": ...
+    def result(self) -> tuple[np.ndarray, BatchStats]: ...
 
 
 StartBatch = Callable[[list[list[int]]], BatchRunner]
@@ -178,7 +179,7 @@ class TokenBudgetBatcher:
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="model")
 
     @classmethod
-    def for_encoder(cls, encoder, config, on_batch: Callable[[BatchStats], None] | None = None) -> "TokenBudgetBatcher":
+    def for_encoder(cls, encoder, config, on_batch: Callable[[BatchStats], None] | None = None) -> TokenBudgetBatcher:
         """The batcher the service puts in front of ``encoder`` (a ``serve_app.Encoder``), as
         ``config`` (a ``ServiceConfig``) says."""
         return cls(
@@ -188,8 +189,9 @@ class TokenBudgetBatcher:
             max_batch_wait_s=config.max_batch_wait_ms / 1000,
             max_padding_fraction=config.max_padding_fraction,
             packed=encoder.packed,
-            interactive_batch_tokens=(config.interactive_batch_tokens
-                                      or DEFAULT_INTERACTIVE_BATCH_TOKENS.get(encoder.device.type)),
+            interactive_batch_tokens=(
+                config.interactive_batch_tokens or DEFAULT_INTERACTIVE_BATCH_TOKENS.get(encoder.device.type)
+            ),
             interactive_max_share=config.interactive_max_share,
             max_queued_tokens=config.max_queued_tokens_per_replica,
             on_batch=on_batch,
@@ -207,8 +209,12 @@ class TokenBudgetBatcher:
                 retry_after_s=max(1.0, self.estimated_wait_s()),
             )
         now = time.monotonic()
-        call = _Call(np.empty((len(token_ids), self.dimensions), np.float32), len(token_ids),
-                     asyncio.get_running_loop().create_future(), now)
+        call = _Call(
+            np.empty((len(token_ids), self.dimensions), np.float32),
+            len(token_ids),
+            asyncio.get_running_loop().create_future(),
+            now,
+        )
         interactive = priority == "interactive"
         lane = self._interactive if interactive else self._bulk
         for i, ids in enumerate(token_ids):
@@ -326,8 +332,9 @@ class TokenBudgetBatcher:
             self._trim()
             head = next(self._in_turn_order(), None)
             # paused jobs are bulk, stopped for interactive work: they go on once none waits, or when aged
-            if self._paused and (head is None or not head.interactive
-                                 or self._paused[0].passed_over >= MAX_PASSED_OVER):
+            if self._paused and (
+                head is None or not head.interactive or self._paused[0].passed_over >= MAX_PASSED_OVER
+            ):
                 return self._paused.pop(0)
             if head is None:
                 self._wakeup.clear()

@@ -13,22 +13,16 @@ import time
 import torch
 from ray import serve
 
+from ..batching.scheduler import EmbedResult, TokenBudgetBatcher
+from ..config import ServiceConfig
+from ..core.device import resolve_device, use_cpu_threads
+from ..core.encoder import Encoder
+from ..placement import reserved_cpus
 from .autoscaling import BACKLOG_METRIC
-from .config import ServiceConfig
-from .encoder import Encoder
 from .logs import route_core_logs_to_serve
 from .metrics import ReplicaMetrics
-from .scheduler import EmbedResult, TokenBudgetBatcher
 
 log = logging.getLogger("ray.serve")
-
-
-def reserved_cpus() -> int:
-    """CPUs Ray reserved for this actor (at least 1)."""
-    import ray
-
-    assigned = ray.get_runtime_context().get_assigned_resources().get("CPU", 0)
-    return max(1, int(assigned))
 
 
 @serve.deployment(name="KalmEncoder", max_ongoing_requests=256, health_check_period_s=10)
@@ -37,16 +31,23 @@ class KalmEncoder:
         started = time.perf_counter()
         route_core_logs_to_serve()
         self.config = cfg = ServiceConfig(**config)
-        device = "cuda" if cfg.device == "auto" and torch.cuda.is_available() else cfg.device
-        device = "cpu" if device == "auto" else device
-        if device == "cpu":
-            # Ray exports OMP_NUM_THREADS for the reservation; torch must really use that many.
-            torch.set_num_threads(reserved_cpus())
-        log.info("encoder replica starting: model=%s device=%s torch_threads=%d OMP_NUM_THREADS=%s",
-                 cfg.model, device, torch.get_num_threads(), os.environ.get("OMP_NUM_THREADS"))
+        device = resolve_device(cfg.device)
+        if device.type == "cpu":
+            use_cpu_threads(reserved_cpus())
+        log.info(
+            "encoder replica starting: model=%s device=%s torch_threads=%d OMP_NUM_THREADS=%s",
+            cfg.model,
+            device,
+            torch.get_num_threads(),
+            os.environ.get("OMP_NUM_THREADS"),
+        )
         self.encoder = Encoder.from_pretrained(
-            cfg.model, device=device, dtype=cfg.dtype, max_input_tokens=cfg.max_input_tokens,
-            max_batch_tokens=cfg.max_batch_tokens, trust_remote_code=cfg.trust_remote_code,
+            cfg.model,
+            device=device,
+            dtype=cfg.dtype,
+            max_input_tokens=cfg.max_input_tokens,
+            max_batch_tokens=cfg.max_batch_tokens,
+            trust_remote_code=cfg.trust_remote_code,
         )
         self.encoder.warm_up()
         self.metrics = ReplicaMetrics()
@@ -74,11 +75,14 @@ class KalmEncoder:
         self.metrics.record_queued(self.batcher.queued_tokens)
 
     def health(self) -> dict:
-        return {"device": str(self.encoder.device), "dtype": str(self.encoder.dtype),
-                "max_batch_tokens": self.encoder.max_batch_tokens}
+        return {
+            "device": str(self.encoder.device),
+            "dtype": str(self.encoder.dtype),
+            "max_batch_tokens": self.encoder.max_batch_tokens,
+        }
 
     def record_autoscaling_stats(self) -> dict[str, float]:
-        """Serve samples this for the autoscaling policy (serve_app.autoscaling): work held, in forward passes."""
+        """Serve samples this for the autoscaling policy (serve_app.serve.autoscaling): work held, in forward passes."""
         return {BACKLOG_METRIC: self.in_flight_tokens / self.encoder.max_batch_tokens}
 
     def stats(self) -> dict:
@@ -86,12 +90,22 @@ class KalmEncoder:
         import ray
 
         s = self.batcher.stats
-        return {"batches": s.batches, "rows": s.rows, "tokens": s.tokens, "padded_tokens": s.padded_tokens,
-                "busy_s": s.busy_s, "longest_queue_s": s.longest_queue_s, "queued_tokens": self.batcher.queued_tokens,
-                "torch_threads": torch.get_num_threads(), "calls": self.calls, "in_flight": self.in_flight,
-                "in_flight_tokens": self.in_flight_tokens,
-                "replica": serve.get_replica_context().replica_id.unique_id,
-                "node_id": ray.get_runtime_context().get_node_id(), "pid": os.getpid()}
+        return {
+            "batches": s.batches,
+            "rows": s.rows,
+            "tokens": s.tokens,
+            "padded_tokens": s.padded_tokens,
+            "busy_s": s.busy_s,
+            "longest_queue_s": s.longest_queue_s,
+            "queued_tokens": self.batcher.queued_tokens,
+            "torch_threads": torch.get_num_threads(),
+            "calls": self.calls,
+            "in_flight": self.in_flight,
+            "in_flight_tokens": self.in_flight_tokens,
+            "replica": serve.get_replica_context().replica_id.unique_id,
+            "node_id": ray.get_runtime_context().get_node_id(),
+            "pid": os.getpid(),
+        }
 
     def __del__(self):
         batcher = getattr(self, "batcher", None)

@@ -1,0 +1,1 @@
+"""The HTTP contract without HTTP: the OpenAI request model, its validation, error-to-status table."""

@@ -1,0 +1,1 @@
+"""Batching: token-budget planning and stats (no torch), tensor layouts, the replica scheduler."""

@@ -1,0 +1,1 @@
+"""The encoder core: model files, tokenisation, the transformer, pooling; no Ray, no HTTP."""

@@ -1,0 +1,7 @@
+"""``python -m serve_app.corpus``: the offline corpus job's command line."""
+
+import sys
+
+from .job import main
+
+sys.exit(main())

@@ -1,0 +1,1 @@
+"""Ray Serve shells: the application builder, the ingress, the encoder replica, autoscaling, metrics."""

@@ -1,0 +1,1 @@
+"""Test support shipped with the package: stand-in checkpoints (real architecture, random weights)."""
