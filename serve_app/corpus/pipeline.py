@@ -311,7 +311,7 @@ def build(
         max_input_tokens=settings.max_tokens,
         truncate=settings.truncate,
     )
-    ds = ray.data.from_items([{"part": p} for p in pending], override_num_blocks=len(pending))
+    ds: ray.data.Dataset = ray.data.from_items([{"part": p} for p in pending], override_num_blocks=len(pending))
     if not actors.tokenize_in_actors:
         ds = ds.map_batches(
             read_and_tokenize,  # type: ignore[arg-type]  # Ray Data's UDF type has no room for fn_kwargs
