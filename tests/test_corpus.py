@@ -284,7 +284,23 @@ def test_status_lines_start_before_ray_does(tiny_model_dir, tmp_path, monkeypatc
     lines = started_with["stderr"].splitlines()
     assert all(STATUS_LINE.match(line) for line in lines), lines
     assert "reading the model's files" in lines[0] and lines[-1].endswith(" starting a local Ray")
+    assert f"note: {tiny_model_dir} is a stand-in checkpoint with RANDOM weights" in lines[1]
     assert started_with["log_to_driver"] is False and started_with["logging_level"] == logging.ERROR
+
+
+@pytest.mark.parametrize(
+    "wrong, says",
+    [
+        ({"rows_per_part": 0}, "rows_per_part must be at least 1, got 0"),
+        ({"input_type": "queries"}, "input_type must be one of None, query, document, got 'queries'"),
+        ({"instruction": " "}, "instruction must not be empty"),
+        ({"instruction": "Find", "input_type": "query"}, "an instruction or an input_type, not both"),
+    ],
+)
+def test_options_are_checked_before_anything_runs(tmp_path, wrong, says, capsys):
+    with pytest.raises(CorpusError, match=re.escape(says)):
+        embed_corpus(CorpusOptions(str(tmp_path / "none.jsonl"), str(tmp_path / "out"), **wrong))
+    assert capsys.readouterr().err == "" and not (tmp_path / "out").exists()
 
 
 def test_ray_core_lines_on_stderr_are_held_back():

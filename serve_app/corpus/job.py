@@ -37,6 +37,7 @@ from .io import (
     write_json,
 )
 from .options import MAX_ROWS_PER_PART, MIN_ROWS_PER_PART, CorpusOptions, JobSettings
+from .pipeline import Actors, build
 from .progress import CorpusSummary, Progress
 
 log = logging.getLogger("serve_app.corpus")
@@ -75,6 +76,8 @@ def _embed(options: CorpusOptions, progress: Progress) -> CorpusSummary:
     model = _resolve_model(options.model)
     progress.stage(f"reading the model's files ({model}) and listing {options.input}")
     files = read_model_files(model)  # fails here, with the way out, when the model can't be found
+    if files.is_standin:
+        progress.note(f"{model} is a stand-in checkpoint with RANDOM weights, not the real model")
     if options.dimensions is not None and not 1 <= options.dimensions <= files.hidden_size:
         raise CorpusError(f"dimensions must be between 1 and {files.hidden_size}, got {options.dimensions}")
     tokenizer = TextTokenizer(files, options.max_tokens)
@@ -100,8 +103,6 @@ def _embed(options: CorpusOptions, progress: Progress) -> CorpusSummary:
         progress.stage(f"all {plan.parts:,} parts are already done: nothing to embed")
     else:
         with _ray(options, progress):
-            from .pipeline import Actors, build
-
             actors = Actors.for_cluster(options)
             if plan is None:
                 plan = _new_plan(options, settings, inputs, out_uri, actors.max_actors, progress)
@@ -201,12 +202,12 @@ def _ray(options: CorpusOptions, progress: Progress) -> Iterator[None]:
         return
     address = options.address or environment.ray_address()
     progress.stage(f"connecting to Ray at {address}" if address else "starting a local Ray")
-    local = {} if address else {"object_store_memory": options.object_store_memory, "include_dashboard": False}
     ray.init(
         address=address,
+        object_store_memory=None if address else options.object_store_memory,  # for a Ray this job starts
+        include_dashboard=None if address else False,
         log_to_driver=options.verbose,
         logging_level=logging.INFO if options.verbose else logging.ERROR,
-        **local,  # type: ignore[arg-type]  # ray.init's **kwargs are typed as its other parameters
     )
     try:
         yield

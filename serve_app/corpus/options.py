@@ -76,8 +76,14 @@ class CorpusOptions:
 
     def check(self) -> None:
         """Raise :class:`CorpusError` naming the first option that cannot work."""
-        if self.format is not None and self.format not in FORMATS:
-            raise CorpusError(f"format must be one of {', '.join(FORMATS)}, got {self.format!r}")
+        for name, allowed in (
+            ("format", (None, *FORMATS)),
+            ("input_type", (None, "query", "document")),
+            ("device", ("auto", "cpu", "cuda")),
+            ("tokenize_in", ("auto", "tasks", "actors")),
+        ):
+            if getattr(self, name) not in allowed:
+                raise CorpusError(f"{name} must be one of {', '.join(map(str, allowed))}, got {getattr(self, name)!r}")
         if self.instruction is not None and not self.instruction.strip():
             raise CorpusError("instruction must not be empty")
         if self.instruction is not None and self.input_type is not None:

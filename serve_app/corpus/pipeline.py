@@ -54,25 +54,21 @@ def configure_logging(verbose: bool) -> None:
 class Actors:
     """The encoder actor pool: Ray resources of one actor, the most actors, and whether they tokenise."""
 
-    resources: dict[str, int]
+    num_cpus: int
+    num_gpus: int
     max_actors: int
     tokenize_in_actors: bool
 
     @classmethod
     def for_cluster(cls, options: CorpusOptions) -> Actors:
         """From ``serve_app.placement``, on the cluster Ray is connected to."""
-        return cls(
-            *placement.corpus_actor_resources(
-                options.device, options.tokenize_in, options.cpus_per_actor, options.max_actors
-            )
+        resources, max_actors, tokenize_in_actors = placement.corpus_actor_resources(
+            options.device, options.tokenize_in, options.cpus_per_actor, options.max_actors
         )
+        return cls(resources.get("num_cpus", 0), resources.get("num_gpus", 0), max_actors, tokenize_in_actors)
 
     def describe(self, actors: int) -> str:
-        each = (
-            f"{self.resources['num_gpus']} GPU"
-            if self.resources.get("num_gpus")
-            else f"{self.resources['num_cpus']} CPU"
-        )
+        each = f"{self.num_gpus} GPU" if self.num_gpus else f"{self.num_cpus} CPU"
         where = "they tokenise too" if self.tokenize_in_actors else "tokenising in CPU tasks"
         return f"{actors} encoder actor{'s' if actors != 1 else ''} ({each} each; {where})"
 
@@ -337,7 +333,8 @@ def build(
             verbose=options.verbose,
             read_kwargs=read_kwargs if actors.tokenize_in_actors else None,
         ),
-        **actors.resources,  # type: ignore[arg-type]  # num_cpus / num_gpus: Ray's typing wants float
+        num_cpus=actors.num_cpus,
+        num_gpus=actors.num_gpus,
     )
     # Writing is light next to the model, like the service's ingress: it reserves no CPU.
     return ds.map_batches(

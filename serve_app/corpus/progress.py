@@ -50,13 +50,13 @@ class Progress:
     tokens: int = 0
     first_ready_at: float | None = None  # wall clock when the first encoder actor had its model loaded
     dtypes: set[str] = field(default_factory=set)  # what the encoders ran in (auto may differ between nodes)
-    _stage: str = ""
-    _embedding_since: float | None = None
-    _finished: bool = False
-    _printed_at: float = 0.0
-    _lock: threading.Lock = field(default_factory=threading.Lock)
-    _stop: threading.Event = field(default_factory=threading.Event)
-    _repeater: threading.Thread | None = None
+    _stage: str = field(default="", init=False)
+    _embedding_since: float | None = field(default=None, init=False)
+    _finished: bool = field(default=False, init=False)
+    _printed_at: float = field(default=0.0, init=False)
+    _lock: threading.Lock = field(default_factory=threading.Lock, init=False)
+    _stop: threading.Event = field(default_factory=threading.Event, init=False)
+    _repeater: threading.Thread | None = field(default=None, init=False)
 
     def __enter__(self) -> Progress:
         self._repeater = threading.Thread(target=self._repeat, name="corpus-progress", daemon=True)
@@ -73,6 +73,11 @@ class Progress:
         with self._lock:
             self._stage = what
             self._print(what)
+
+    def note(self, what: str) -> None:
+        """A line said once; the current stage stays what it was."""
+        with self._lock:
+            self._print(f"note: {what}")
 
     def start_embedding(self, total_rows: int, rows_before: int) -> None:
         """From here on the status is the rows done (``rows_before`` of them by earlier runs)."""
