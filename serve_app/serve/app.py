@@ -31,5 +31,6 @@ def build_app(args: dict | None = None) -> Application:
     config = config.model_copy(update={"model": str(files.path)} if os.path.isdir(config.model) else {})
     options = placement.encoder_replica_resources(config.device, config.encoder_num_cpus)
     log.info("building app: model=%s model_id=%s encoder replica resources=%s", config.model, config.model_id, options)
-    encoder = KalmEncoder.options(ray_actor_options=options).bind(config.model_dump())
-    return EmbeddingsIngress.bind(encoder, config.model_dump())
+    # @serve.deployment turns the classes into Deployments; Ray Serve's typing does not say so
+    encoder = KalmEncoder.options(ray_actor_options=options).bind(config.model_dump())  # type: ignore[attr-defined]
+    return EmbeddingsIngress.bind(encoder, config.model_dump())  # type: ignore[attr-defined]
