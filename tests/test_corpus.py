@@ -16,7 +16,6 @@ import random
 import signal
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -37,7 +36,7 @@ from serve_app.corpus.io import (
     read_part,
     scan_file,
 )
-from tests.service_harness import ROOT, kill_processes_mentioning, ray_auth_env
+from tests.service_harness import ROOT, local_cluster
 
 OBJECT_STORE_BYTES = 80 * 1024 * 1024  # Ray's minimum is 75 MiB
 WORDS = (
@@ -234,26 +233,13 @@ def test_over_long_texts_are_bad_rows_unless_truncated(tiny_encoder):
 def cluster():
     """A one-node Ray (2 CPUs, minimum object store) for this module; stopped afterwards."""
     import ray
-    from ray.cluster_utils import Cluster
 
-    with ray_auth_env():
-        temp_dir = tempfile.mkdtemp(prefix="rc", dir="/tmp")
-        c = Cluster(
-            initialize_head=True,
-            head_node_args={
-                "num_cpus": 2,
-                "object_store_memory": OBJECT_STORE_BYTES,
-                "include_dashboard": False,
-                "temp_dir": temp_dir,
-            },
-        )
+    with local_cluster(head_cpus=2, object_store_memory=OBJECT_STORE_BYTES) as c:
+        ray.init(address=c.address)
         try:
-            ray.init(address=c.address)
             yield c
         finally:
             ray.shutdown()
-            c.shutdown()
-            kill_processes_mentioning(temp_dir)
 
 
 def run_job(cluster, model_dir, inp, out, *args) -> dict:
