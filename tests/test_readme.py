@@ -11,9 +11,12 @@ from __future__ import annotations
 
 import os
 import re
+import secrets
+import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -42,9 +45,17 @@ class Machine:
         self.port = free_port()
         self.standin = tmp / "kalm-standin"
         self.tiktoken_cache = tmp / "tiktoken-cache"
-        self.ray_tmp = tmp / "r"  # serve run's Ray marks its processes with it; they are stopped by it
-        self.ray_tmp.mkdir()
-        self.env = {**os.environ, "RAY_TMPDIR": str(self.ray_tmp), "TIKTOKEN_CACHE_DIR": str(self.tiktoken_cache)}
+        # serve run's Ray marks its processes with its temp dir, and they are stopped by it (short: Ray's
+        # socket paths have a length limit)
+        self.ray_tmp = Path(tempfile.mkdtemp(prefix="rm", dir="/tmp"))
+        self.env = {
+            **os.environ,
+            "RAY_TMPDIR": str(self.ray_tmp),
+            "TIKTOKEN_CACHE_DIR": str(self.tiktoken_cache),
+            # An explicit token, so Ray does not write one to ~/.ray/auth_token as it does for a user.
+            "RAY_AUTH_MODE": "token",
+            "RAY_AUTH_TOKEN": secrets.token_hex(16),
+        }
         self.env.pop("RAY_ADDRESS", None)
 
     def here(self, text: str) -> str:
@@ -94,6 +105,7 @@ def machine(tmp_path_factory):
             proc.wait()
         kill_processes_mentioning(str(machine.ray_tmp))
         log.close()
+        shutil.rmtree(machine.ray_tmp, ignore_errors=True)
 
 
 def wait_healthy(machine: Machine, proc: subprocess.Popen, timeout_s: float = 300) -> None:
