@@ -57,7 +57,7 @@ def start(args: argparse.Namespace) -> int:
     if args.worker_proxy_port:
         os.environ["RAY_SERVE_WORKER_PROXY_HTTP_PORT"] = str(args.worker_proxy_port)
 
-    from ray.cluster_utils import Cluster
+    from serve_app.testing.ray_cluster import start_cluster
 
     temp_dir = tempfile.mkdtemp(prefix="kalm-rc", dir="/tmp")  # short: Ray's socket paths have a length limit
     port = args.port or free_port()
@@ -81,16 +81,15 @@ def start(args: argparse.Namespace) -> int:
     worker_args = {"num_cpus": args.cpus_per_worker, "num_gpus": args.gpus_per_worker}
     cluster = None
     try:
-        cluster = Cluster(
-            initialize_head=True,
-            head_node_args={
+        cluster = start_cluster(
+            {
                 "num_cpus": args.head_cpus,
                 "gcs_server_port": port,
                 "include_dashboard": args.dashboard,
                 "temp_dir": temp_dir,
                 "metrics_export_port": free_port(),
                 "dashboard_host": "127.0.0.1",
-            },
+            }
         )
         for _ in range(args.workers):
             cluster.add_node(**worker_args, metrics_export_port=free_port())

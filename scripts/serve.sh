@@ -1,5 +1,16 @@
 #!/usr/bin/env bash
-# Serve the model on http://127.0.0.1:8000 (KALM_MODEL=hub id or local dir overrides the model).
+# Serve the model on http://127.0.0.1:8000: scripts/serve.sh [--port N] [more `serve run` options]
+# (KALM_MODEL=hub id or local dir overrides the model).
 source "$(dirname "$0")/env.sh"
 python -m serve_app.core.checkpoint   # fails fast, with what to do, when the model cannot be found
-exec serve run cluster/config.yaml "$@"
+config=cluster/config.yaml
+if [ "${1:-}" = "--port" ]; then
+  # `serve run` takes the port from the config file only: serve a copy with http_options.port changed.
+  config="$(mktemp -d)/config.yaml"
+  python -c 'import sys, yaml
+c = yaml.safe_load(open("cluster/config.yaml"))
+c["http_options"]["port"] = int(sys.argv[1])
+yaml.safe_dump(c, open(sys.argv[2], "w"), sort_keys=False)' "$2" "$config"
+  shift 2
+fi
+exec serve run "$config" "$@"

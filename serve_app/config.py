@@ -9,10 +9,14 @@ YAML under ``deployments:``, as Ray Serve defines them.
 from __future__ import annotations
 
 import os
+from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from . import environment
+
+#: How token-id inputs are read (``serve_app.api.token_ids``).
+TokenIdInputs = Literal["openai", "model", "reject"]
 
 
 class ServiceConfig(BaseModel):
@@ -67,6 +71,12 @@ class ServiceConfig(BaseModel):
         None,
         description="Instruction for input_type=query; default: the model's `query` prompt "
         "(KaLM: 'Given a query, retrieve documents that answer the query').",
+    )
+    token_id_inputs: TokenIdInputs = Field(
+        "openai",
+        description="How token-id inputs are read: openai (ids of OpenAI's cl100k_base, as OpenAI's "
+        "endpoint reads them and LangChain sends them: decoded, then tokenised by the model's tokenizer), "
+        "model (this model's own ids, as vLLM reads them) or reject (400).",
     )
     request_timeout_s: float = Field(300.0, gt=0, description="A request not answered by then fails with 504.")
 

@@ -65,6 +65,11 @@ def corpus_actor_resources(
 
 def reserved_cpus() -> int:
     """CPUs Ray reserved for the calling task or actor (at least 1)."""
+    return max(1, int(assigned_resources().get("CPU", 0)))
+
+
+def assigned_resources() -> dict[str, float]:
+    """Ray resources reserved for the calling task or actor (``{"CPU": 2.0}``, ``{"CPU": 1.0, "GPU": 1.0}``)."""
     import ray
 
-    return max(1, int(ray.get_runtime_context().get_assigned_resources().get("CPU", 0)))
+    return dict(ray.get_runtime_context().get_assigned_resources())

@@ -65,21 +65,21 @@ def ray_auth_env():
 
 
 @contextlib.contextmanager
-def local_cluster(head_cpus: int = 2, workers: list[dict] | None = None, head_resources: dict | None = None):
-    """A Ray cluster of a head and ``workers`` (each a dict of add_node args) on this machine."""
-    from ray.cluster_utils import Cluster
+def local_cluster(head_cpus: int = 2, workers: list[dict] | None = None, **head_args):
+    """A Ray cluster of a head (``head_args``: more ``add_node`` args) and ``workers`` (each a dict of
+    ``add_node`` args) on this machine; stopped afterwards, with every process it started."""
+    from serve_app.testing.ray_cluster import start_cluster
 
     with ray_auth_env():
         temp_dir = tempfile.mkdtemp(prefix="rt", dir="/tmp")  # short: Ray's socket paths have a length limit
-        cluster = Cluster(
-            initialize_head=True,
-            head_node_args={
+        cluster = start_cluster(
+            {
                 "num_cpus": head_cpus,
-                "resources": head_resources or {},
                 "include_dashboard": False,
                 "temp_dir": temp_dir,
                 "metrics_export_port": free_port(),
-            },
+                **head_args,
+            }
         )
         try:
             for worker in workers or []:
@@ -88,6 +88,7 @@ def local_cluster(head_cpus: int = 2, workers: list[dict] | None = None, head_re
             yield cluster
         finally:
             cluster.shutdown()
+            kill_processes_mentioning(temp_dir)
 
 
 class ServeProcess:

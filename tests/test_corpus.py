@@ -18,7 +18,6 @@ import re
 import signal
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -42,7 +41,7 @@ from serve_app.corpus.io import (
 from serve_app.corpus.job import default_rows_per_part
 from serve_app.corpus.pipeline import tokenize
 from serve_app.errors import CorpusError
-from tests.service_harness import ROOT, kill_processes_mentioning, ray_auth_env
+from tests.service_harness import ROOT, kill_processes_mentioning, local_cluster
 
 OBJECT_STORE_BYTES = 80 * 1024 * 1024  # Ray's minimum is 75 MiB
 WORDS = (
@@ -327,26 +326,13 @@ def test_ray_core_lines_on_stderr_are_held_back():
 def cluster():
     """A one-node Ray (2 CPUs, minimum object store) for this module; stopped afterwards."""
     import ray
-    from ray.cluster_utils import Cluster
 
-    with ray_auth_env():
-        temp_dir = tempfile.mkdtemp(prefix="rc", dir="/tmp")
-        c = Cluster(
-            initialize_head=True,
-            head_node_args={
-                "num_cpus": 2,
-                "object_store_memory": OBJECT_STORE_BYTES,
-                "include_dashboard": False,
-                "temp_dir": temp_dir,
-            },
-        )
+    with local_cluster(head_cpus=2, object_store_memory=OBJECT_STORE_BYTES) as c:
+        ray.init(address=c.address, log_to_driver=False)  # as the job's own connection, without --verbose
         try:
-            ray.init(address=c.address, log_to_driver=False)  # as the job's own connection, without --verbose
             yield c
         finally:
             ray.shutdown()
-            c.shutdown()
-            kill_processes_mentioning(temp_dir)
 
 
 def run_job(cluster, model_dir, inp, out, *args) -> dict:

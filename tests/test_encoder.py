@@ -15,7 +15,7 @@ from serve_app import Encoder
 from serve_app.core.checkpoint import KALM_QUERY_INSTRUCTION
 from serve_app.core.device import parse_dtype
 from serve_app.core.vectors import truncate_dimensions
-from serve_app.errors import InputTooLongError, MissingWeightsError, ModelLoadError
+from serve_app.errors import InputTooLongError, InvalidRequestError, MissingWeightsError, ModelLoadError
 from serve_app.testing.standin import build_qwen2_tokenizer
 from tests.reference import ReferenceQwen2, reference_token_ids
 
@@ -102,6 +102,13 @@ def test_matryoshka_truncation_renormalises_kalm_sizes(k):
     assert cut.shape == (3, k)
     np.testing.assert_allclose(np.linalg.norm(cut, axis=1), 1.0, atol=1e-6)
     np.testing.assert_allclose(cut, vectors[:, :k] / np.linalg.norm(vectors[:, :k], axis=1, keepdims=True), atol=1e-6)
+
+
+@pytest.mark.parametrize("dimensions", [0, 65, 256])
+def test_dimensions_outside_the_model_size_are_refused_as_http_does(tiny_encoder, dimensions):
+    """The tiny stand-in is 64-d: asking for more is a mistake (HTTP: 400), not a quiet 64-d answer."""
+    with pytest.raises(InvalidRequestError, match=f"between 1 and 64, got {dimensions}"):
+        tiny_encoder.encode(TEXTS[:1], dimensions=dimensions)
 
 
 def test_causal_attention_fails_parity(tiny_model_dir, tiny_encoder, reference):

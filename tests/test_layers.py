@@ -20,6 +20,7 @@ LIGHT_MODULES = {
     "serve_app.serve.metrics": ("torch", "transformers"),
     "serve_app.api.protocol": ("torch", "ray", "transformers"),
     "serve_app.api.http_errors": ("torch", "ray", "transformers"),
+    "serve_app.api.token_ids": ("torch", "ray", "transformers"),
     "serve_app.batching.planning": ("torch", "ray", "transformers"),
     "serve_app.batching.scheduler": ("torch", "ray", "transformers"),
     "serve_app.core.checkpoint": ("torch", "ray", "transformers"),
@@ -56,6 +57,8 @@ def test_the_ingress_path_validates_and_tokenises_a_request_without_torch(tiny_m
         "req = EmbeddingRequest(model=config.model_id, input=['hello', 'world'], input_type='query')\n"
         "prepared = validate_request(req, config, tokenizer, files.hidden_size)\n"
         "assert prepared.n_tokens > 2\n"
+        "ids = EmbeddingRequest(model=config.model_id, input=[[15339, 1917]])\n"  # cl100k_base: "hello world"
+        "assert validate_request(ids, config, tokenizer, files.hidden_size).n_tokens > 1\n"
         "render_embeddings(np.ones((2, files.hidden_size), np.float32), 'base64', config.model_id, prepared.n_tokens)\n"
     )
     assert "torch" not in loaded and "transformers" not in loaded

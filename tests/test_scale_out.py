@@ -28,7 +28,7 @@ import orjson
 import pytest
 import yaml
 
-from serve_app.serve.autoscaling import TokenBacklogPolicy
+from serve_app.serve.autoscaling import TokenBacklogPolicy, replicas_that_fit
 from tests.service_harness import CONFIG, ServeProcess, environ, free_port, local_cluster
 from tests.test_service import assert_openai_error
 
@@ -76,6 +76,44 @@ def test_policy_reads_serves_autoscaling_context():
     assert desired == pytest.approx(6) and state["backlog_batches"] == 24
     ctx.aggregated_metrics = {}  # no replica has reported yet: Serve's own signal alone
     assert TokenBacklogPolicy()(ctx)[0] == pytest.approx(10 / 128)
+
+
+def test_replicas_that_fit_one_node():
+    assert replicas_that_fit([{"CPU": 2.0}], {"CPU": 2.0, "GPU": 0.0}) == 1  # a 2-core laptop
+    assert replicas_that_fit([{"CPU": 16.0}], {"CPU": 8.0}) == 2
+    assert replicas_that_fit([{"CPU": 8.0, "GPU": 2.0}], {"CPU": 1.0, "GPU": 1.0}) == 2
+    assert replicas_that_fit([{"CPU": 1.0}], {"CPU": 4.0}) == 1  # below one: min_replicas decides
+    assert replicas_that_fit([{"CPU": 2.0}, {"CPU": 2.0}], {"CPU": 2.0}) is None  # nodes may be added
+
+
+def test_policy_on_one_node_asks_for_no_more_replicas_than_fit_and_says_so_once(monkeypatch):
+    from types import SimpleNamespace
+
+    from ray.serve.config import AutoscalingConfig
+
+    from serve_app.serve import autoscaling
+
+    said: list[str] = []
+    monkeypatch.setattr(autoscaling, "log", SimpleNamespace(info=lambda msg, *args: said.append(msg % args)))
+    ctx = SimpleNamespace(
+        deployment_name="KalmEncoder",
+        current_num_replicas=1,
+        target_num_replicas=1,
+        total_num_requests=8.0,
+        total_queued_requests=0.0,
+        capacity_adjusted_min_replicas=1,
+        capacity_adjusted_max_replicas=8,
+        config=AutoscalingConfig(target_ongoing_requests=128, max_replicas=8),
+        # 8 long chunks, 40 passes of work: 8 replicas wanted; each replica holds 2 CPUs
+        aggregated_metrics={"backlog_batches": {"a": 40.0}, "replica_cpus": {"a": 2.0}, "replica_gpus": {"a": 0.0}},
+    )
+    policy = TokenBacklogPolicy(target_batches_per_replica=4)
+    policy._cluster_nodes = lambda: [{"CPU": 2.0, "memory": 8e9}]  # one machine with 2 cores
+    assert [policy(ctx)[0] for _ in range(3)] == [1, 1, 1]
+    capped = [line for line in said if "holds at most 1" in line]
+    assert len(capped) == 1 and "2 CPU, 0 GPU" in capped[0], said
+    policy._cluster_nodes = lambda: [{"CPU": 2.0}, {"CPU": 2.0, "GPU": 1.0}]  # several nodes: no cap
+    assert policy(ctx)[0] == 8
 
 
 # --- the cluster --------------------------------------------------------------------------

@@ -103,13 +103,17 @@ def test_dimensions_instruction_and_input_type(client, model_id, tiny_encoder):
     np.testing.assert_allclose(doc, tiny_encoder.encode(TEXTS[:1]), atol=1e-6)
 
 
-def test_token_id_inputs_embed_like_their_text(client, model_id, tiny_encoder):
-    ids = [t.ids for t in tiny_encoder.tokenizer.encode_texts(TEXTS[:2])]
-    one = vectors(client.embeddings.create(model=model_id, input=ids[0]))
-    many = vectors(client.embeddings.create(model=model_id, input=ids))
+def test_token_id_inputs_are_openai_cl100k_ids_that_embed_like_their_text(client, model_id, tiny_encoder):
+    """As OpenAI's endpoint reads them (token_id_inputs: openai); usage counts the model's tokens."""
+    from serve_app.api.token_ids import cl100k_base
+
+    ids = [cl100k_base().encode(t) for t in TEXTS[:2]]
+    one = client.embeddings.create(model=model_id, input=ids[0])
+    many = client.embeddings.create(model=model_id, input=ids)
     want = tiny_encoder.encode(TEXTS[:2])
-    np.testing.assert_allclose(one[0], want[0], atol=1e-6)
-    np.testing.assert_allclose(many, want, atol=1e-6)
+    np.testing.assert_allclose(vectors(one)[0], want[0], atol=1e-6)
+    np.testing.assert_allclose(vectors(many), want, atol=1e-6)
+    assert many.usage.total_tokens == sum(len(t.ids) for t in tiny_encoder.tokenizer.encode_texts(TEXTS[:2]))
 
 
 def test_single_string_input(client, model_id, tiny_encoder):

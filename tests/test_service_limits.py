@@ -14,7 +14,14 @@ from tests.service_harness import ServeProcess
 from tests.test_service import assert_openai_error
 
 KEY = "sk-test-key-1"
-LIMITS = {"max_body_bytes": 20_000, "max_inputs_per_request": 4, "max_input_tokens": 16, "max_request_tokens": 40}
+# Token ids here are the model's own (vLLM's reading), so a list of ids is that many tokens.
+LIMITS = {
+    "max_body_bytes": 20_000,
+    "max_inputs_per_request": 4,
+    "max_input_tokens": 16,
+    "max_request_tokens": 40,
+    "token_id_inputs": "model",
+}
 
 
 @pytest.fixture(scope="module")

@@ -16,7 +16,9 @@ from pydantic import BaseModel, ConfigDict, StrictBool, StrictInt, StrictStr
 
 from ..config import ServiceConfig
 from ..core.tokenization import TextTokenizer
+from ..core.vectors import check_dimensions
 from ..errors import InvalidRequestError, ModelNotFoundError
+from .token_ids import read_token_id_inputs
 
 Priority = Literal["interactive", "bulk"]
 
@@ -61,7 +63,7 @@ def validate_request(
 
     # One string or one token list is a single input.
     single = isinstance(req.input, str) or (bool(req.input) and isinstance(req.input[0], int))
-    inputs = [req.input] if single else req.input
+    inputs = read_token_id_inputs([req.input] if single else req.input, config.token_id_inputs)
     if not inputs:
         raise InvalidRequestError("input must not be empty", param="input")
     if len(inputs) > config.max_inputs_per_request:
@@ -69,10 +71,7 @@ def validate_request(
             f"input has {len(inputs)} items; at most {config.max_inputs_per_request} are allowed per request",
             param="input",
         )
-    if req.dimensions is not None and not 1 <= req.dimensions <= native_dimensions:
-        raise InvalidRequestError(
-            f"dimensions must be between 1 and {native_dimensions}, got {req.dimensions}", param="dimensions"
-        )
+    check_dimensions(req.dimensions, native_dimensions)
     if req.instruction is not None and req.input_type is not None:
         raise InvalidRequestError("set either instruction or input_type, not both", param="instruction")
     if req.instruction is not None and not req.instruction.strip():

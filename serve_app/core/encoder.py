@@ -26,7 +26,7 @@ from .checkpoint import ModelFiles, read_model_files
 from .device import dtype_name, parse_dtype, resolve_device
 from .pooling import pool
 from .tokenization import TextTokenizer
-from .vectors import l2_normalize, truncate_dimensions
+from .vectors import check_dimensions, l2_normalize, truncate_dimensions
 
 log = logging.getLogger(__name__)
 
@@ -104,10 +104,12 @@ class Encoder:
 
         ``instruction`` formats each text as KaLM's query (``Instruct: {instruction} \\n
         Query: {text}``); ``prompt_name`` picks a prompt the model ships (``query``,
-        ``document``). Inputs over the token limit raise unless ``truncate`` is set.
+        ``document``). Inputs over the token limit raise unless ``truncate`` is set;
+        ``dimensions`` outside 1..the model's size raise ``InvalidRequestError`` (HTTP answers 400).
         """
         if isinstance(texts, str):
             texts = [texts]
+        check_dimensions(dimensions, self.dimensions)
         prompt = self.tokenizer.prompt_for(instruction, prompt_name)
         tokenized = self.tokenizer.encode_texts(texts, prompt=prompt, truncate=truncate)
         return truncate_dimensions(self.embed_token_ids([t.ids for t in tokenized]), dimensions)

@@ -4,10 +4,20 @@ from __future__ import annotations
 
 import numpy as np
 
+from ..errors import InvalidRequestError
+
 
 def l2_normalize(vectors: np.ndarray) -> np.ndarray:
     norms = np.linalg.norm(vectors, axis=-1, keepdims=True)
     return vectors / np.maximum(norms, 1e-12)
+
+
+def check_dimensions(dimensions: int | None, native_dimensions: int) -> None:
+    """Matryoshka sizes run from 1 to the model's own; anything else is the caller's mistake (HTTP 400)."""
+    if dimensions is not None and not 1 <= dimensions <= native_dimensions:
+        raise InvalidRequestError(
+            f"dimensions must be between 1 and {native_dimensions}, got {dimensions}", param="dimensions"
+        )
 
 
 def truncate_dimensions(vectors: np.ndarray, dimensions: int | None) -> np.ndarray:

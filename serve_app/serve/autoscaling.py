@@ -22,6 +22,13 @@ Calls still waiting in the ingress's queue (all replicas at ``max_ongoing_reques
 the mean backlog of the running ones. Serve applies ``min_replicas``/``max_replicas``, the
 up/down delays and factors around the returned number, as for its default policy.
 
+On a one-node cluster (a laptop, one machine: nothing adds nodes) the policy never wants more
+replicas than that node can ever hold, from its resources and what a replica takes (each replica
+reports its own, :data:`REPLICA_RESOURCE_METRICS`), and says so once in the log. Asking for more
+would leave replicas unplaceable for good, with Serve warning every 30 s that they have "taken
+more than 30s to be scheduled". Clusters of several nodes are left uncapped: there, replicas that
+find no room are what makes the Ray autoscaler add nodes.
+
 Kept free of torch and the rest of the package: Serve pickles this module into its controller.
 """
 
@@ -35,6 +42,10 @@ log = logging.getLogger("ray.serve")
 
 #: Name of the per-replica custom autoscaling metric (forward passes of work held by the replica).
 BACKLOG_METRIC = "backlog_batches"
+#: Per-replica metrics with the Ray resources a replica holds: metric name -> Ray resource.
+REPLICA_RESOURCE_METRICS = {"replica_cpus": "CPU", "replica_gpus": "GPU"}
+#: How long the policy reuses its view of the cluster's nodes (it runs several times a second).
+NODES_REFRESH_S = 10.0
 
 
 class TokenBacklogPolicy:
@@ -54,6 +65,8 @@ class TokenBacklogPolicy:
             raise ValueError("target_batches_per_replica must be > 0")
         self.target_batches = float(target_batches_per_replica)
         self._last_logged: int | None = None
+        self._capped_at: int | None = None  # the cap last logged
+        self._nodes: tuple[float, list[dict[str, float]]] | None = None  # (read at, resources of each node)
 
     def __call__(self, ctx) -> tuple[float, dict[str, Any]]:
         replicas = ctx.current_num_replicas
@@ -65,6 +78,7 @@ class TokenBacklogPolicy:
             backlog=float(sum((ctx.aggregated_metrics or {}).get(BACKLOG_METRIC, {}).values())),
             target_ongoing_requests=float(ctx.config.get_target_ongoing_requests()),
         )
+        desired = self._cap_to_cluster(ctx.deployment_name, desired, ctx.aggregated_metrics or {})
         bounds = ctx.capacity_adjusted_min_replicas, ctx.capacity_adjusted_max_replicas
         wanted = min(max(math.ceil(desired - 1e-9), bounds[0]), bounds[1])
         if wanted != self._last_logged and wanted != replicas:
@@ -100,3 +114,54 @@ class TokenBacklogPolicy:
             "by_tokens": by_tokens,
             "by_requests": by_requests,
         }
+
+    def _cap_to_cluster(self, deployment: str, desired: float, metrics: dict) -> float:
+        per_replica = {
+            resource: max(metrics[name].values())
+            for name, resource in REPLICA_RESOURCE_METRICS.items()
+            if metrics.get(name)
+        }
+        if not per_replica:  # no replica has reported yet
+            return desired
+        nodes = self._cluster_nodes()
+        fit = replicas_that_fit(nodes, per_replica)
+        if fit is None or desired <= fit:
+            return desired
+        if fit != self._capped_at:
+            log.info(
+                "autoscaling %s: wants %.2f replicas, but this one-node cluster (%s) holds at most %d "
+                "(a replica takes %s); asking for %d. More replicas need more nodes or smaller replicas "
+                "(encoder_num_cpus).",
+                deployment,
+                desired,
+                _resources(nodes[0]),
+                fit,
+                _resources(per_replica),
+                fit,
+            )
+            self._capped_at = fit
+        return float(fit)
+
+    def _cluster_nodes(self) -> list[dict[str, float]]:
+        """Total resources of each live node (the policy runs in Serve's controller, a Ray actor)."""
+        import time
+
+        import ray
+
+        now = time.monotonic()
+        if self._nodes is None or now - self._nodes[0] > NODES_REFRESH_S:
+            self._nodes = (now, [dict(n["Resources"]) for n in ray.nodes() if n.get("Alive")])
+        return self._nodes[1]
+
+
+def replicas_that_fit(nodes: list[dict[str, float]], per_replica: dict[str, float]) -> int | None:
+    """How many replicas taking ``per_replica`` a one-node cluster can ever hold (at least 1: Serve's
+    ``min_replicas`` decides below that); None for several nodes (an autoscaler may add more)."""
+    wanted = {resource: amount for resource, amount in per_replica.items() if amount > 0}
+    if len(nodes) != 1 or not wanted:
+        return None
+    return max(1, min(int(nodes[0].get(resource, 0.0) // amount) for resource, amount in wanted.items()))
+
+
+def _resources(resources: dict[str, float]) -> str:
+    return ", ".join(f"{resources.get(r, 0):g} {r}" for r in REPLICA_RESOURCE_METRICS.values())

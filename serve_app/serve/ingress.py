@@ -28,6 +28,7 @@ from ray.serve.handle import DeploymentHandle
 from starlette.responses import Response
 
 from .. import environment
+from ..api import token_ids
 from ..api.http_errors import error_response, status_of
 from ..api.protocol import EmbeddingRequest, PreparedRequest, render_embeddings, render_models, validate_request
 from ..batching.planning import plan_batches
@@ -75,6 +76,7 @@ class EmbeddingsIngress:
         files = read_model_files(cfg.model)
         self.tokenizer = TextTokenizer(files, cfg.max_input_tokens)
         self.native_dimensions = files.hidden_size
+        token_ids.prepare(cfg.token_id_inputs)
         self.encoder = encoder
         self.api_keys = [k.encode() for k in environment.api_keys()]
         self.metrics = IngressMetrics()

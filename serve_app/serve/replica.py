@@ -17,8 +17,8 @@ from ..batching.scheduler import EmbedResult, TokenBudgetBatcher
 from ..config import ServiceConfig
 from ..core.device import resolve_device, use_cpu_threads
 from ..core.encoder import Encoder
-from ..placement import reserved_cpus
-from .autoscaling import BACKLOG_METRIC
+from ..placement import assigned_resources, reserved_cpus
+from .autoscaling import BACKLOG_METRIC, REPLICA_RESOURCE_METRICS
 from .logs import route_core_logs_to_serve
 from .metrics import ReplicaMetrics
 
@@ -55,6 +55,9 @@ class KalmEncoder:
         self.calls = 0  # embed calls received (one per chunk of a request)
         self.in_flight = 0  # embed calls inside this replica now (what Serve counts as its ongoing requests)
         self.in_flight_tokens = 0  # their tokens: what the autoscaling policy scales on
+        resources = assigned_resources()
+        # What this replica holds, for the policy's one-node cap.
+        self.resource_stats = {name: resources.get(r, 0.0) for name, r in REPLICA_RESOURCE_METRICS.items()}
         log.info("encoder replica ready in %.1fs", time.perf_counter() - started)
 
     async def embed(self, token_ids: list[list[int]], priority: str = "bulk") -> EmbedResult:
@@ -82,8 +85,9 @@ class KalmEncoder:
         }
 
     def record_autoscaling_stats(self) -> dict[str, float]:
-        """Serve samples this for the autoscaling policy (serve_app.serve.autoscaling): work held, in forward passes."""
-        return {BACKLOG_METRIC: self.in_flight_tokens / self.encoder.max_batch_tokens}
+        """Serve samples this for the autoscaling policy (serve_app.serve.autoscaling): work held, in forward
+        passes, and the resources this replica holds."""
+        return {BACKLOG_METRIC: self.in_flight_tokens / self.encoder.max_batch_tokens, **self.resource_stats}
 
     def stats(self) -> dict:
         """Scheduler counters since start (benchmarks read these), and which replica answered."""
