@@ -41,7 +41,7 @@ from serve_app.corpus.io import (
 from serve_app.corpus.job import default_rows_per_part
 from serve_app.corpus.pipeline import tokenize
 from serve_app.errors import CorpusError
-from tests.service_harness import ROOT, kill_processes_mentioning, local_cluster
+from tests.service_harness import ROOT, local_cluster
 
 OBJECT_STORE_BYTES = 80 * 1024 * 1024  # Ray's minimum is 75 MiB
 WORDS = (
