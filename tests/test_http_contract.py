@@ -17,6 +17,7 @@ import orjson
 import pytest
 from ray.serve.exceptions import BackPressureError
 
+from serve_app.api import protocol
 from serve_app.api.protocol import max_chars_per_token
 from serve_app.errors import OverloadedError
 from serve_app.serve import ingress
@@ -350,9 +351,22 @@ def test_a_request_with_more_characters_than_its_token_limit_can_hold_is_refused
 def test_token_ids_are_counted_before_they_are_validated(model_dir, monkeypatch):
     svc = service(model_dir, **LIMITS)
     monkeypatch.setattr(svc.tokenizer, "check_token_ids", None)  # looking at each id would fail the test
-    for input_ in ([7] * 1_000_000, [[7] * 500_000, [8] * 500_000]):
+    for input_ in ([7] * 100_000, [[7] * 50_000, [8] * 50_000]):
         err = error_of(run(post(svc, {"model": model_id(model_dir), "input": input_})), 400)
-        assert "1000000 tokens in total" in err["message"] and "at most 40" in err["message"]
+        assert "100000 tokens in total" in err["message"] and "at most 40" in err["message"]
+
+
+def test_a_large_body_of_numbers_is_counted_before_it_is_parsed(model_dir, monkeypatch):
+    svc = service(model_dir)
+    monkeypatch.setattr(protocol.orjson, "loads", None)  # parsing would fail the test
+    for input_ in (
+        [101_000 + i % 9000 for i in range(400_000)],
+        [[151_000] * 200_000] * 2,
+        [", ".join(str(i) for i in range(400_000))],  # in a text: a digit is a token for Qwen2 (>= 400 k tokens)
+    ):
+        err = error_of(run(post(svc, {"model": model_id(model_dir), "input": input_})), 400)
+        assert "about 400000 numbers (counted before parsing" in err["message"], err["message"]
+        assert "at most 300000 tokens" in err["message"]
 
 
 def test_large_requests_take_turns_while_small_ones_pass(model_dir, monkeypatch):

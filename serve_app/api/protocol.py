@@ -88,9 +88,30 @@ class EmbeddingRequest(BaseModel):
     priority: Priority | None = None
 
 
-def parse_request(body: bytes, config: ServiceConfig, max_input_tokens: int) -> EmbeddingRequest:
-    """The request in ``body``; token-id inputs are counted (a length per list, no item looked at)
-    before anything is validated item by item, so a body of millions of ids is refused at once."""
+#: Bodies larger than this are checked for a flood of numbers before they are parsed.
+NUMBER_CHECK_BYTES = 1024 * 1024
+#: What a JSON array of numbers is made of.
+NUMBER_BYTES = b"0123456789,-+.eE \t\r\n[]"
+
+
+def parse_request(body: bytes | bytearray, config: ServiceConfig, max_input_tokens: int) -> EmbeddingRequest:
+    """The request in ``body``; token ids are counted before they are validated one by one.
+
+    A large body made almost only of numbers is counted before it is even parsed: parsing
+    32 MiB of token ids makes ~5 M Python ints (~180 MB), only to refuse them. Numbers written
+    in a text count too: Qwen2's tokenizer makes every digit a token.
+    """
+    if len(body) > NUMBER_CHECK_BYTES:
+        commas = body.count(b",")
+        if commas > config.max_request_tokens + config.max_inputs_per_request and (
+            len(body.translate(None, NUMBER_BYTES)) < commas
+        ):
+            raise InvalidRequestError(
+                f"the request holds about {commas} numbers (counted before parsing; each is a token, as a token "
+                f"id or as digits in a text); at most {config.max_request_tokens} tokens are allowed per request: "
+                f"split it",
+                param="input",
+            )
     try:
         parsed = orjson.loads(body)
     except orjson.JSONDecodeError as exc:
