@@ -37,7 +37,8 @@ from ray import serve
 
 ray.init(address="auto", logging_level="ERROR", log_to_driver=False)
 stats = serve.get_deployment_handle("KalmEncoder", app_name="kalm").stats
-url, body = sys.argv[1], json.loads(sys.argv[2])
+url, model = sys.argv[1], sys.argv[2]
+body = {"model": model, "input": [[1000 + i] * 2000 for i in range(12)]}  # 12 chunks of 2,000 tokens
 before = stats.remote().result()
 answer = {}
 threading.Thread(target=lambda: answer.update(r=httpx.post(url, json=body, timeout=300))).start()
@@ -58,10 +59,8 @@ print(json.dumps({
 
 
 def test_a_503_part_way_through_a_request_drops_its_queued_chunks(service, tiny_model_dir):
-    token_ids = [[1000 + i] * 2000 for i in range(12)]  # 12 chunks of 2,000 tokens
-    body = {"model": tiny_model_dir.name, "input": token_ids}
     out = subprocess.run(
-        [sys.executable, "-c", WATCH_QUEUE, service.base_url + "/v1/embeddings", json.dumps(body)],
+        [sys.executable, "-c", WATCH_QUEUE, service.base_url + "/v1/embeddings", tiny_model_dir.name],
         env=service.env,
         capture_output=True,
         text=True,
@@ -75,7 +74,7 @@ def test_a_503_part_way_through_a_request_drops_its_queued_chunks(service, tiny_
     empty_at = next(t for t, queued in result["samples"] if queued == 0)
     print(
         f"503 part-way: queue empty {empty_at:.2f}s after the answer; {result['dropped']} inputs dropped; "
-        f"{result['computed_tokens']} of 24000 tokens computed"
+        f"{result['computed_tokens']} of 24000 tokens computed; samples {result['samples'][:5]}"
     )
     assert empty_at < 1.0
     assert result["dropped"] >= 1
@@ -100,7 +99,8 @@ def test_a_client_gone_mid_upload_is_counted_as_cancelled_without_traceback_or_5
         time.sleep(3)  # Ray exports on a ~10 s cycle
         text = scrape(service)
     assert re.search(r'^ray_kalm_requests_total\{[^}]*status="499"', text, flags=re.M)
-    assert not re.search(r'^ray_kalm_requests_total\{[^}]*status="5\d\d"', text, flags=re.M)
+    # (the 503 of the overload test above is the only 5xx this service gives)
+    assert not re.findall(r'^ray_kalm_requests_total\{[^}]*status="5(?!03)\d\d"[^}]*\}', text, flags=re.M)
     log = service.log()[log_before:]
     assert "ClientDisconnect" not in log and "Traceback" not in log and '"status":500' not in log
 
