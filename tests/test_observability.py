@@ -12,6 +12,8 @@ import pytest
 
 from tests.service_harness import ServeProcess
 
+pytestmark = pytest.mark.serve
+
 README = Path(__file__).resolve().parents[1] / "README.md"
 
 

@@ -13,6 +13,8 @@ import pytest
 from tests.service_harness import ServeProcess
 from tests.test_service import assert_openai_error
 
+pytestmark = pytest.mark.serve
+
 KEY = "sk-test-key-1"
 LIMITS = {"max_body_bytes": 20_000, "max_inputs_per_request": 4, "max_input_tokens": 16, "max_request_tokens": 40}
 
