@@ -23,9 +23,13 @@ pytestmark = pytest.mark.serve
 OVERRIDES = {"max_queued_tokens_per_replica": 12_000, "max_chunk_tokens": 2048, "body_read_timeout_s": 3}
 
 
+# Serve's proxies run serve_app.serve.proxy_fences, as scripts/serve.sh sets up.
+PROXY_FENCES = {"RAY_SERVE_HTTP_PROXY_CALLBACK_IMPORT_PATH": "serve_app.serve.proxy_fences:middlewares"}
+
+
 @pytest.fixture(scope="module")
 def service(tiny_model_dir):
-    with ServeProcess(tiny_model_dir, config_overrides=OVERRIDES) as svc:
+    with ServeProcess(tiny_model_dir, config_overrides=OVERRIDES, env=PROXY_FENCES) as svc:
         yield svc
 
 
@@ -129,3 +133,5 @@ def test_unknown_routes_docs_and_long_request_ids(service, tiny_model_dir):
     )
     assert resp.status_code == 200
     assert "longer than 128" in resp.headers["x-request-id-replaced"]
+    assert len(resp.headers["x-request-id"]) == 32  # the proxy echoes the fresh id, not the 5,000 characters
+    assert resp.headers["x-request-id"] in resp.headers["x-request-id-replaced"]

@@ -59,6 +59,7 @@ from ..errors import (
 )
 from .logs import route_core_logs_to_serve
 from .metrics import IngressMetrics
+from .proxy_fences import REPLACED_HEADER, replaced_note, request_id_is_usable
 
 log = logging.getLogger("ray.serve")
 
@@ -73,10 +74,6 @@ RETRY_BACKOFF_S = 0.1  # before attempt 2; doubled for each further one (the req
 #: Bodies larger than this are "large": read, parsed and tokenised at most
 #: ``max_concurrent_large_requests`` at a time per ingress (docs/limits.md).
 LARGE_BODY_BYTES = 1024 * 1024
-
-#: Longest ``x-request-id`` used as given; a longer (or non-printable) one is replaced by a fresh id,
-#: and the answer says so in ``x-request-id-replaced``.
-MAX_REQUEST_ID_CHARS = 128
 
 
 class EncoderHandle(Protocol):
@@ -166,9 +163,10 @@ class EmbeddingsService:
         record: bool = True,
     ) -> Response:
         # Serve's proxy puts its request id (the client's x-request-id, or a new one) on the
-        # request and on the answer; logs use the same id, unless it is too long to log.
+        # request and on the answer; logs use the same id. An unusable one is bounded by the
+        # proxy's fences where they run, else replaced here (in logs only: the proxy echoes it).
         request_id = request.headers.get("x-request-id") or uuid.uuid4().hex
-        replaced = len(request_id) > MAX_REQUEST_ID_CHARS or not request_id.isprintable()
+        replaced = not request_id_is_usable(request_id)
         if replaced:
             request_id = uuid.uuid4().hex
         started = time.perf_counter()
@@ -196,9 +194,7 @@ class EmbeddingsService:
                 }
             )
         if replaced:
-            response.headers["x-request-id-replaced"] = (
-                f"x-request-id longer than {MAX_REQUEST_ID_CHARS} characters or not printable; logged as {request_id}"
-            )
+            response.headers[REPLACED_HEADER] = replaced_note(request_id)
         self._finish(request_id, route, response.status_code, total_s, timings, record)
         return response
 
