@@ -79,6 +79,21 @@ class ServiceConfig(BaseModel):
         "model (this model's own ids, as vLLM reads them) or reject (400).",
     )
     request_timeout_s: float = Field(300.0, gt=0, description="A request not answered by then fails with 504.")
+    body_read_timeout_s: float = Field(
+        60.0,
+        gt=0,
+        description="A client that has not sent its whole body by then gets 408 (slow uploads must not hold "
+        "ingress slots; 32 MiB at ~5 Mbit/s fits).",
+    )
+    max_header_bytes: int = Field(
+        16384, gt=0, description="Largest total size of a request's headers (names and values); larger gets 431."
+    )
+    max_concurrent_large_requests: int = Field(
+        2,
+        gt=0,
+        description="Requests with a body over 1 MiB that one ingress reads, parses and tokenises at once; others "
+        "wait their turn. Bounds ingress memory and keeps CPU for small requests (docs/limits.md).",
+    )
 
     # --- batching and scheduling in the encoder replicas ------------------------------
     max_batch_tokens: int | None = Field(

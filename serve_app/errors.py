@@ -33,9 +33,12 @@ class InputTooLongError(InvalidRequestError):
 
     param = "input"
 
-    def __init__(self, index: int, length: int, limit: int):
+    def __init__(self, index: int, length: int | str, limit: int):
+        # ``length``: the count, or what is known when the input was refused before being tokenised
+        # whole ("more than 32768 tokens", "5000000 characters, ...")
+        measured = f"{length} tokens" if isinstance(length, int) else length
         super().__init__(
-            f"input[{index}] has {length} tokens, more than the limit of {limit} tokens "
+            f"input[{index}] has {measured}, more than the limit of {limit} tokens "
             f"per input; shorten it or set truncate=true to cut it to {limit} tokens"
         )
         self.index, self.length, self.limit = index, length, limit
@@ -59,6 +62,26 @@ class ModelNotFoundError(KalmServeError):
 
 class PayloadTooLargeError(KalmServeError):
     """The request body is larger than the configured byte limit."""
+
+
+class HeadersTooLargeError(KalmServeError):
+    """The request's headers are larger than the configured byte limit."""
+
+
+class BodyReadTimeoutError(KalmServeError):
+    """The client did not finish sending its body within the configured time."""
+
+
+class ClientDisconnectedError(KalmServeError):
+    """The client went away before its answer was ready: nobody to answer, nothing to log as an error."""
+
+
+class RouteNotFoundError(KalmServeError):
+    """No route at this path."""
+
+
+class MethodNotAllowedError(KalmServeError):
+    """The route exists but not for this HTTP method."""
 
 
 # --- service conditions ----------------------------------------------------------

@@ -12,6 +12,8 @@ import pytest
 
 from tests.service_harness import ServeProcess
 
+pytestmark = pytest.mark.serve
+
 OPERATIONS_DOC = Path(__file__).resolve().parents[1] / "docs" / "operations.md"
 
 

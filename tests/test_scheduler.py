@@ -61,6 +61,9 @@ def inputs(*lengths, first=1):
     return [[first + i] * n for i, n in enumerate(lengths)]
 
 
+pytestmark = pytest.mark.unit
+
+
 def run(coro):
     return asyncio.run(coro)
 
@@ -215,21 +218,42 @@ def test_bulk_work_keeps_its_share_when_queries_could_fill_the_device():
     assert 0.3 < batcher.interactive_share() < 1.0
 
 
-def test_cancelled_callers_inputs_are_not_computed():
+def test_cancelled_callers_inputs_are_not_computed_and_are_counted_as_dropped():
     model = FakeModel(seconds_per_token=0.002)
-    batcher = TokenBudgetBatcher(model.start_batch, 4, max_batch_tokens=16, max_batch_wait_s=0)
+    dropped: list[int] = []
+    batcher = TokenBudgetBatcher(model.start_batch, 4, max_batch_tokens=16, max_batch_wait_s=0, on_drop=dropped.append)
 
     async def main():
         first = asyncio.create_task(batcher.embed(inputs(16, first=1), "bulk"))
         doomed = asyncio.create_task(batcher.embed(inputs(16, 16, 16, first=500), "bulk"))
         await asyncio.sleep(0.005)
         doomed.cancel()
+        await asyncio.sleep(0)
+        queued_right_after_cancel = batcher.queued_tokens  # while the first call still runs
         await first
         await asyncio.sleep(0.1)
-        return batcher.queued_tokens
+        return queued_right_after_cancel
 
     assert run(main()) == 0
     assert not any(b[0][0] in (501, 502) for b in model.batches)
+    assert sum(dropped) == batcher.stats.dropped_inputs >= 2
+
+
+def test_retry_after_estimate_follows_recent_throughput_not_the_average_since_start(monkeypatch):
+    import serve_app.batching.scheduler as scheduler
+
+    clock = [1000.0]
+    monkeypatch.setattr(scheduler.time, "monotonic", lambda: clock[0])
+    batcher = TokenBudgetBatcher(FakeModel().start_batch, 4, max_batch_tokens=16384, share_window_s=30)
+    for _ in range(1000):  # after a restart: tiny, slow batches ...
+        batcher._record(BatchStats(rows=1, tokens=1, padded_tokens=1, seconds=0.05))
+    clock[0] += 120  # ... then, two minutes later, full ones at ~33k tokens/s
+    for _ in range(10):
+        batcher._record(BatchStats(rows=64, tokens=16384, padded_tokens=16384, seconds=0.5))
+    batcher.queued_tokens = 2_000_000
+    since_start = batcher.queued_tokens / (batcher.stats.padded_tokens / batcher.stats.busy_s)
+    assert since_start > 600
+    assert 60 < batcher.estimated_wait_s() < 120  # the HTTP layer then clamps Retry-After to 60
 
 
 def test_a_failing_batch_fails_its_callers_only():

@@ -13,6 +13,8 @@ import pytest
 from serve_app.core.checkpoint import KALM_QUERY_INSTRUCTION
 from tests.service_harness import ServeProcess
 
+pytestmark = pytest.mark.serve
+
 TEXTS = [
     "What is Ray Serve?",
     "Ray Serve is a scalable model serving library.",

@@ -13,6 +13,8 @@ import pytest
 from tests.service_harness import ServeProcess
 from tests.test_service import assert_openai_error
 
+pytestmark = pytest.mark.serve
+
 KEY = "sk-test-key-1"
 # Token ids here are the model's own (vLLM's reading), so a list of ids is that many tokens.
 LIMITS = {

@@ -17,10 +17,21 @@ ERROR_TABLE: list[tuple[type[errors.KalmServeError], int, str, str | None]] = [
     (errors.InvalidRequestError, 400, "invalid_request_error", None),
     (errors.AuthenticationError, 401, "authentication_error", "invalid_api_key"),
     (errors.ModelNotFoundError, 404, "invalid_request_error", "model_not_found"),
+    (errors.RouteNotFoundError, 404, "invalid_request_error", "unknown_url"),
+    (errors.MethodNotAllowedError, 405, "invalid_request_error", "method_not_allowed"),
+    (errors.BodyReadTimeoutError, 408, "invalid_request_error", "request_timeout"),
     (errors.PayloadTooLargeError, 413, "invalid_request_error", "payload_too_large"),
+    (errors.HeadersTooLargeError, 431, "invalid_request_error", "headers_too_large"),
+    # nginx's "client closed request": nobody reads it, but metrics and logs count it as the client's doing
+    (errors.ClientDisconnectedError, 499, "invalid_request_error", "client_closed"),
     (errors.OverloadedError, 503, "rate_limit_error", "overloaded"),
     (errors.RequestTimeoutError, 504, "server_error", "timeout"),
 ]
+
+#: Retry-After is clamped to this range (seconds): at least 1 (the header is whole seconds; 0 would
+#: invite an instant retry storm), at most 60 (past a minute an estimate from the current queue says
+#: little, and clients with a long Retry-After simply give up).
+RETRY_AFTER_RANGE_S = (1, 60)
 
 
 def error_body(message: str, type_: str, param: str | None = None, code: str | None = None) -> bytes:
@@ -35,11 +46,16 @@ def error_response(exc: Exception, request_id: str) -> Response:
     for cls, status, type_, code in ERROR_TABLE:
         if isinstance(exc, cls):
             if isinstance(exc, errors.OverloadedError):
-                headers["retry-after"] = str(max(1, math.ceil(exc.retry_after_s)))
+                headers["retry-after"] = str(retry_after_header(exc.retry_after_s))
             body = error_body(exc.message, type_, getattr(exc, "param", None), code)
             return Response(body, status, headers, media_type="application/json")
     body = error_body(f"internal error (request id {request_id}); it has been logged", "server_error")
     return Response(body, 500, headers, media_type="application/json")
+
+
+def retry_after_header(seconds: float) -> int:
+    low, high = RETRY_AFTER_RANGE_S
+    return min(high, max(low, math.ceil(seconds))) if math.isfinite(seconds) else high
 
 
 def status_of(exc: Exception) -> int:

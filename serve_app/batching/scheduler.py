@@ -134,6 +134,7 @@ class SchedulerStats:
     busy_s: float = 0.0
     longest_queue_s: float = 0.0
     preemptions: int = 0
+    dropped_inputs: int = 0  # queued inputs of cancelled calls, dropped uncomputed
     last_batches: deque = field(default_factory=lambda: deque(maxlen=1024))
 
 
@@ -153,6 +154,7 @@ class TokenBudgetBatcher:
         share_window_s: float = 30.0,
         max_queued_tokens: int = 2_000_000,
         on_batch: Callable[[BatchStats], None] | None = None,
+        on_drop: Callable[[int], None] | None = None,
     ):
         self._start_batch = start_batch
         self.dimensions = dimensions
@@ -167,6 +169,10 @@ class TokenBudgetBatcher:
         self._compute_at = time.monotonic()
         self.max_queued_tokens = max_queued_tokens
         self._on_batch = on_batch
+        self._on_drop = on_drop
+        # recent throughput for Retry-After: padded tokens and busy seconds, decaying like the lane shares
+        self._recent = {"tokens": 0.0, "busy_s": 0.0}
+        self._recent_at = time.monotonic()
         self._interactive: deque[_Input] = deque()
         self._bulk: deque[_Input] = deque()
         self.queued_tokens = 0
@@ -179,7 +185,13 @@ class TokenBudgetBatcher:
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="model")
 
     @classmethod
-    def for_encoder(cls, encoder, config, on_batch: Callable[[BatchStats], None] | None = None) -> TokenBudgetBatcher:
+    def for_encoder(
+        cls,
+        encoder,
+        config,
+        on_batch: Callable[[BatchStats], None] | None = None,
+        on_drop: Callable[[int], None] | None = None,
+    ) -> TokenBudgetBatcher:
         """The batcher the service puts in front of ``encoder`` (a ``serve_app.Encoder``), as
         ``config`` (a ``ServiceConfig``) says."""
         return cls(
@@ -195,6 +207,7 @@ class TokenBudgetBatcher:
             interactive_max_share=config.interactive_max_share,
             max_queued_tokens=config.max_queued_tokens_per_replica,
             on_batch=on_batch,
+            on_drop=on_drop,
         )
 
     # --- callers -------------------------------------------------------------------
@@ -206,7 +219,7 @@ class TokenBudgetBatcher:
         if self.queued_tokens + n_tokens > self.max_queued_tokens and self.queued_tokens > 0:
             raise OverloadedError(
                 f"replica queue is full ({self.queued_tokens} tokens queued); retry shortly",
-                retry_after_s=max(1.0, self.estimated_wait_s()),
+                retry_after_s=self.estimated_wait_s(),
             )
         now = time.monotonic()
         call = _Call(
@@ -232,23 +245,40 @@ class TokenBudgetBatcher:
         return EmbedResult(call.vectors, call.started - call.arrived, time.monotonic() - call.started, call.batches)
 
     def estimated_wait_s(self) -> float:
-        """Rough time to drain the queue at the throughput seen so far."""
-        if not self.stats.busy_s or not self.stats.padded_tokens:
+        """Rough time to drain the queue at the recent throughput (batches of the last
+        ``share_window_s`` or so weigh most); 1 s before any batch ran.
+
+        Not the average since start: after a restart that comes from a few tiny batches and
+        says hours. The HTTP layer clamps what it sends as Retry-After.
+        """
+        if not self._recent["busy_s"] or not self._recent["tokens"]:
             return 1.0
-        return self.queued_tokens / (self.stats.padded_tokens / self.stats.busy_s)
+        return self.queued_tokens / (self._recent["tokens"] / self._recent["busy_s"])
 
     @property
     def queued_inputs(self) -> int:
         return sum(1 for _ in self._live(self._interactive)) + sum(1 for _ in self._live(self._bulk))
 
     def _drop(self, call: _Call) -> None:
-        """A cancelled caller's inputs are skipped, not computed."""
+        """A cancelled caller's queued inputs are dropped, not computed."""
         call.cancelled = True
+        dropped = 0
         for lane in (self._interactive, self._bulk):
             for item in lane:
                 if item.call is call and not item.taken:
                     item.taken = True
                     self.queued_tokens -= len(item.ids)
+                    dropped += 1
+        # let go of their token ids now, not when they would have reached the head of the queue
+        self._interactive = deque(self._live(self._interactive))
+        self._bulk = deque(self._live(self._bulk))
+        if dropped:
+            self.stats.dropped_inputs += dropped
+            if self._on_drop is not None:
+                try:
+                    self._on_drop(dropped)
+                except Exception:  # metrics must never break cancellation
+                    log.exception("drop observer failed")
 
     # --- the loop ------------------------------------------------------------------
 
@@ -417,6 +447,11 @@ class TokenBudgetBatcher:
         s.padded_tokens += stats.padded_tokens
         s.busy_s += stats.seconds
         s.last_batches.append(stats)
+        now = time.monotonic()
+        decay = 0.5 ** ((now - self._recent_at) / self.share_window_s)
+        self._recent_at = now
+        self._recent["tokens"] = self._recent["tokens"] * decay + stats.padded_tokens
+        self._recent["busy_s"] = self._recent["busy_s"] * decay + stats.seconds
         if self._on_batch is not None:
             try:
                 self._on_batch(stats)

@@ -109,12 +109,14 @@ class TextTokenizer:
             first = too_long[0]
             raise InputTooLongError(first, len(out[first].ids), self.max_input_tokens)
         if too_long:
-            # Let the tokenizer cut, so special tokens its post-processor adds are kept.
-            cutter = Tokenizer.from_str(self.tokenizer.to_str())
-            cutter.enable_truncation(self.max_input_tokens)
-            cut = cutter.encode_batch([full[i] for i in too_long], add_special_tokens=True)
-            for i, e in zip(too_long, cut):
-                out[i] = TokenizedInput(e.ids, truncated=True)
+            # Cut as the tokenizer's own truncation does, so special tokens its post-processor adds
+            # are kept: content tokens to the limit minus those, then the post-processor (a copy of
+            # the tokenizer with truncation enabled would cost seconds per request).
+            keep = self.max_input_tokens - self.tokenizer.num_special_tokens_to_add(False)
+            for i in too_long:
+                encoding = self.tokenizer.encode(full[i], add_special_tokens=False)
+                encoding.truncate(keep)
+                out[i] = TokenizedInput(self.tokenizer.post_process(encoding).ids, truncated=True)
         return out
 
     # --- token ids -----------------------------------------------------------------

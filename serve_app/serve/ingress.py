@@ -1,19 +1,28 @@
 """The HTTP ingress: OpenAI routes, auth, limits, tokenisation; model work goes to replicas.
 
-Request flow: body (size-limited) → ``EmbeddingRequest`` → ``validate_request``
-(model id, limits, tokenisation) → chunks sent to ``KalmEncoder`` replicas →
-Matryoshka truncation → float or base64 answer.
+Request flow: headers (size-bounded) → body (size- and time-bounded; large bodies take turns)
+→ ``parse_request`` → ``validate_request`` (model id, limits, tokenisation) → chunks sent to
+``KalmEncoder`` replicas → Matryoshka truncation → float or base64 answer.
+
+``EmbeddingsService`` does all of it given any encoder handle (``embed.remote(...)``,
+``health.remote()``), and ``build_http_app`` puts it behind FastAPI routes, so tests run the
+whole HTTP contract in-process with a fake handle; ``EmbeddingsIngress`` is the Ray Serve shell.
 """
+
+from __future__ import annotations
 
 import asyncio
 import hmac
 import logging
 import time
 import uuid
+from collections.abc import Awaitable, Callable
+from typing import Any, Protocol
 
 import numpy as np
 import orjson
 from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
 from ray import serve
 from ray.exceptions import (
     ActorDiedError,
@@ -24,13 +33,14 @@ from ray.exceptions import (
     WorkerCrashedError,
 )
 from ray.serve.exceptions import BackPressureError
-from ray.serve.handle import DeploymentHandle
+from starlette.exceptions import HTTPException
+from starlette.requests import ClientDisconnect
 from starlette.responses import Response
 
 from .. import environment
 from ..api import token_ids
 from ..api.http_errors import error_response, status_of
-from ..api.protocol import EmbeddingRequest, PreparedRequest, render_embeddings, render_models, validate_request
+from ..api.protocol import PreparedRequest, parse_request, render_embeddings, render_models, validate_request
 from ..batching.planning import plan_batches
 from ..config import ServiceConfig
 from ..core.checkpoint import read_model_files
@@ -38,17 +48,21 @@ from ..core.tokenization import TextTokenizer
 from ..core.vectors import truncate_dimensions
 from ..errors import (
     AuthenticationError,
+    BodyReadTimeoutError,
+    ClientDisconnectedError,
+    HeadersTooLargeError,
     InvalidRequestError,
+    MethodNotAllowedError,
     OverloadedError,
     PayloadTooLargeError,
     RequestTimeoutError,
+    RouteNotFoundError,
 )
 from .logs import route_core_logs_to_serve
 from .metrics import IngressMetrics
+from .proxy_fences import REPLACED_HEADER, replaced_note, request_id_is_usable
 
 log = logging.getLogger("ray.serve")
-
-app = FastAPI(title="KaLM embeddings", docs_url=None, redoc_url=None)
 
 #: Replica failures that are safe to retry elsewhere: embedding is idempotent. A replica
 #: process that dies mid-call, or the node under it, gives ActorDiedError; an unreachable
@@ -57,6 +71,21 @@ app = FastAPI(title="KaLM embeddings", docs_url=None, redoc_url=None)
 RETRYABLE = (ActorDiedError, ActorUnavailableError, RayActorError, ObjectLostError, WorkerCrashedError, NodeDiedError)
 MAX_ATTEMPTS = 5
 RETRY_BACKOFF_S = 0.1  # before attempt 2; doubled for each further one (the request timeout bounds it all)
+
+#: Bodies larger than this are "large": read, parsed and tokenised at most
+#: ``max_concurrent_large_requests`` at a time per ingress (docs/limits.md).
+LARGE_BODY_BYTES = 1024 * 1024
+
+
+class EncoderHandle(Protocol):
+    """What the service needs of the encoder deployment (a Serve ``DeploymentHandle``, or a fake).
+
+    ``embed.remote(token_ids, priority)`` returns an awaitable with ``cancel()``;
+    ``health.remote()`` an awaitable.
+    """
+
+    embed: Any
+    health: Any
 
 
 def _ms(seconds: float) -> str:
@@ -67,61 +96,90 @@ def _round_ms(seconds: float | None) -> float | None:
     return None if seconds is None else round(seconds * 1e3, 2)
 
 
-@serve.deployment(name="EmbeddingsIngress", max_ongoing_requests=1024)
-@serve.ingress(app)
-class EmbeddingsIngress:
-    def __init__(self, encoder: DeploymentHandle, config: dict):
-        route_core_logs_to_serve()
-        self.config = cfg = ServiceConfig(**config)
-        files = read_model_files(cfg.model)
-        self.tokenizer = TextTokenizer(files, cfg.max_input_tokens)
-        self.native_dimensions = files.hidden_size
-        token_ids.prepare(cfg.token_id_inputs)
+def _json(body: bytes, status: int = 200) -> Response:
+    return Response(body, status, media_type="application/json")
+
+
+class EmbeddingsService:
+    """The ingress's request handling, free of Ray Serve's deployment machinery."""
+
+    def __init__(
+        self,
+        encoder: EncoderHandle,
+        config: ServiceConfig,
+        tokenizer: TextTokenizer,
+        native_dimensions: int,
+        api_keys: list[str],
+        metrics: IngressMetrics,
+    ):
+        self.config = config
+        self.tokenizer = tokenizer
+        self.native_dimensions = native_dimensions
         self.encoder = encoder
-        self.api_keys = [k.encode() for k in environment.api_keys()]
-        self.metrics = IngressMetrics()
+        self.api_keys = [k.encode() for k in api_keys]
+        self.metrics = metrics
         self.created = int(time.time())
-        log.info(
-            "ingress ready: model_id=%s max_input_tokens=%d api_keys=%s",
-            cfg.model_id,
-            self.tokenizer.max_input_tokens,
-            "on" if self.api_keys else "off",
-        )
+        self.large_requests = asyncio.Semaphore(config.max_concurrent_large_requests)
+        token_ids.prepare(config.token_id_inputs)
 
     # --- routes ----------------------------------------------------------------------
 
-    @app.post("/v1/embeddings")
     async def embeddings(self, request: Request) -> Response:
-        return await self._answer(request, "/v1/embeddings", self._embeddings)
+        return await self.answer(request, "/v1/embeddings", self._embeddings)
 
-    @app.get("/v1/models")
     async def models(self, request: Request) -> Response:
-        async def body(request: Request, timings: dict):
+        async def body(request: Request, timings: dict) -> Response:
             self._authenticate(request)
-            return Response(render_models(self.config.model_id, self.created), media_type="application/json")
+            return _json(render_models(self.config.model_id, self.created))
 
-        return await self._answer(request, "/v1/models", body)
+        return await self.answer(request, "/v1/models", body)
 
-    @app.get("/health")
-    async def health(self) -> Response:
-        try:
-            await asyncio.wait_for(self.encoder.health.remote(), timeout=5)
-        except Exception as exc:  # no replica ready yet, or all busy starting
-            return Response(
-                orjson.dumps({"status": "starting", "detail": type(exc).__name__}), 503, media_type="application/json"
-            )
-        return Response(b'{"status":"ok"}', media_type="application/json")
+    async def health(self, request: Request) -> Response:
+        async def body(request: Request, timings: dict) -> Response:
+            try:
+                await asyncio.wait_for(self.encoder.health.remote(), timeout=5)
+            except Exception as exc:  # no replica ready yet, or all busy starting
+                return _json(orjson.dumps({"status": "starting", "detail": type(exc).__name__}), 503)
+            return _json(b'{"status":"ok"}')
+
+        return await self.answer(request, "/health", body, record=False)
+
+    async def unknown_route(self, request: Request, exc: HTTPException) -> Response:
+        """FastAPI's own 404 and 405, in OpenAI's shape (what OpenAI answers for an unknown URL)."""
+
+        async def body(request: Request, timings: dict) -> Response:
+            where = f"{request.method} {request.url.path}"
+            if exc.status_code == 405:
+                raise MethodNotAllowedError(f"method not allowed: {where}")
+            raise RouteNotFoundError(f"Invalid URL ({where})")
+
+        return await self.answer(request, "unknown", body)
 
     # --- one place for ids, errors, logs and metrics ----------------------------------
 
-    async def _answer(self, request: Request, route: str, handler) -> Response:
+    async def answer(
+        self,
+        request: Request,
+        route: str,
+        handler: Callable[[Request, dict], Awaitable[Response]],
+        record: bool = True,
+    ) -> Response:
         # Serve's proxy puts its request id (the client's x-request-id, or a new one) on the
-        # request and on the answer; logs use the same id.
+        # request and on the answer; logs use the same id. An unusable one is bounded by the
+        # proxy's fences where they run, else replaced here (in logs only: the proxy echoes it).
         request_id = request.headers.get("x-request-id") or uuid.uuid4().hex
+        replaced = not request_id_is_usable(request_id)
+        if replaced:
+            request_id = uuid.uuid4().hex
         started = time.perf_counter()
         timings: dict = {}
         try:
+            self._check_headers(request)
             response = await handler(request, timings)
+        except asyncio.CancelledError:
+            # The client went away (Serve cancels the call): not an error of ours.
+            self._finish(request_id, route, 499, time.perf_counter() - started, timings, record)
+            raise
         except Exception as exc:
             if status_of(exc) == 500:
                 log.exception("request %s failed", request_id)
@@ -137,7 +195,15 @@ class EmbeddingsIngress:
                     "x-compute-tokens": str(timings["tokens"]),
                 }
             )
-        self.metrics.record(route, response.status_code, total_s)
+        if replaced:
+            response.headers[REPLACED_HEADER] = replaced_note(request_id)
+        self._finish(request_id, route, response.status_code, total_s, timings, record)
+        return response
+
+    def _finish(self, request_id: str, route: str, status: int, total_s: float, timings: dict, record: bool) -> None:
+        if not record:
+            return
+        self.metrics.record(route, status, total_s)
         # One structured line per request; never the texts.
         log.info(
             "request "
@@ -145,7 +211,7 @@ class EmbeddingsIngress:
                 {
                     "request_id": request_id,
                     "route": route,
-                    "status": response.status_code,
+                    "status": status,
                     "inputs": timings.get("inputs"),
                     "tokens": timings.get("tokens"),
                     "total_ms": round(total_s * 1e3, 2),
@@ -155,21 +221,25 @@ class EmbeddingsIngress:
                 }
             ).decode()
         )
-        return response
 
     # --- /v1/embeddings ---------------------------------------------------------------
 
     async def _embeddings(self, request: Request, timings: dict) -> Response:
         self._authenticate(request)
-        body = await self._read_body(request)
-        t0 = time.perf_counter()
-        try:
-            parsed = orjson.loads(body)
-        except orjson.JSONDecodeError as exc:
-            raise InvalidRequestError(f"request body is not valid JSON: {exc}") from None
-        req = EmbeddingRequest.model_validate(parsed)
-        # Tokenisation is CPU work: keep the event loop free for other requests meanwhile.
-        prepared = await asyncio.to_thread(validate_request, req, self.config, self.tokenizer, self.native_dimensions)
+        limit = self.config.max_body_bytes
+        declared = request.headers.get("content-length", "")
+        if declared.isdigit() and int(declared) > limit:
+            raise PayloadTooLargeError(f"request body is larger than the limit of {limit} bytes")
+        # A large request waits for its turn before its body is read (or, sent without a length,
+        # once it is): the bodies, parsed JSON and tokenisations in memory at once are bounded, and
+        # CPU is left for small requests. Parsing and tokenising run off the event loop.
+        declared_large = declared.isdigit() and int(declared) > LARGE_BODY_BYTES
+        async with self._turn(declared_large):
+            body = await self._read_body(request)
+            t0 = time.perf_counter()
+            async with self._turn(not declared_large and len(body) > LARGE_BODY_BYTES):
+                prepared = await asyncio.to_thread(self._prepare, body)
+            del body
         timings.update(
             tokenization_s=time.perf_counter() - t0, inputs=len(prepared.token_ids), tokens=prepared.n_tokens
         )
@@ -179,22 +249,43 @@ class EmbeddingsIngress:
             len(prepared.token_ids), prepared.n_tokens, timings["tokenization_s"], queue_s, inference_s
         )
         vectors = truncate_dimensions(vectors, prepared.dimensions)
-        return Response(
-            render_embeddings(vectors, prepared.encoding_format, self.config.model_id, prepared.n_tokens),
-            media_type="application/json",
-        )
+        return _json(render_embeddings(vectors, prepared.encoding_format, self.config.model_id, prepared.n_tokens))
+
+    def _turn(self, large: bool) -> asyncio.Semaphore | _NoWait:
+        return self.large_requests if large else _NoWait()
+
+    def _prepare(self, body: bytearray) -> PreparedRequest:
+        """Parse, validate, tokenise: CPU work, run in a thread."""
+        req = parse_request(body, self.config, self.tokenizer.max_input_tokens)
+        return validate_request(req, self.config, self.tokenizer, self.native_dimensions)
 
     async def _embed(self, prepared: PreparedRequest) -> tuple[np.ndarray, float, float]:
-        """Send the request in chunks (spread over replicas); reassemble in input order."""
+        """Send the request in chunks (spread over replicas); reassemble in input order.
+
+        The first chunk to fail fails the request and cancels the others, in the replicas too;
+        so does the client going away (this coroutine is cancelled).
+        """
         lengths = [len(ids) for ids in prepared.token_ids]
         chunks = plan_batches(lengths, self.config.max_chunk_tokens)
-        calls = [self._embed_chunk([prepared.token_ids[i] for i in chunk], prepared.priority) for chunk in chunks]
+        tasks = [
+            asyncio.ensure_future(self._embed_chunk([prepared.token_ids[i] for i in chunk], prepared.priority))
+            for chunk in chunks
+        ]
         try:
-            results = await asyncio.wait_for(asyncio.gather(*calls), timeout=self.config.request_timeout_s)
-        except asyncio.TimeoutError:
-            raise RequestTimeoutError(
-                f"request not answered within {self.config.request_timeout_s:.0f}s; retry, or send fewer tokens"
-            ) from None
+            done, pending = await asyncio.wait(
+                tasks, timeout=self.config.request_timeout_s, return_when=asyncio.FIRST_EXCEPTION
+            )
+            failures = [exc for exc in (t.exception() for t in tasks if t in done) if exc is not None]
+            if failures:
+                raise failures[0]
+            if pending:
+                raise RequestTimeoutError(
+                    f"request not answered within {self.config.request_timeout_s:.0f}s; retry, or send fewer tokens"
+                )
+        finally:
+            for task in tasks:
+                task.cancel()
+        results = [task.result() for task in tasks]
         vectors = np.empty((len(lengths), self.native_dimensions), np.float32)
         for chunk, result in zip(chunks, results):
             vectors[chunk] = result.vectors
@@ -202,8 +293,14 @@ class EmbeddingsIngress:
 
     async def _embed_chunk(self, token_ids: list[list[int]], priority: str):
         for attempt in range(1, MAX_ATTEMPTS + 1):
+            response = self.encoder.embed.remote(token_ids, priority)
             try:
-                return await self.encoder.embed.remote(token_ids, priority)
+                return await response
+            except asyncio.CancelledError:
+                # Awaiting a Serve response does not cancel the call when we are cancelled: say so,
+                # and the replica's batcher drops the chunk's queued inputs.
+                response.cancel()
+                raise
             except BackPressureError:
                 raise OverloadedError("all encoder replicas are at their queue limit; retry shortly") from None
             except RETRYABLE as exc:
@@ -215,6 +312,13 @@ class EmbeddingsIngress:
 
     # --- checks -----------------------------------------------------------------------
 
+    def _check_headers(self, request: Request) -> None:
+        size = sum(len(name) + len(value) for name, value in request.scope["headers"])
+        if size > self.config.max_header_bytes:
+            raise HeadersTooLargeError(
+                f"request headers are {size} bytes, more than the limit of {self.config.max_header_bytes} bytes"
+            )
+
     def _authenticate(self, request: Request) -> None:
         if not self.api_keys:
             return
@@ -223,15 +327,73 @@ class EmbeddingsIngress:
         if scheme.lower() != "bearer" or not any(hmac.compare_digest(key.strip().encode(), k) for k in self.api_keys):
             raise AuthenticationError("Incorrect or missing API key: send 'Authorization: Bearer <key>'")
 
-    async def _read_body(self, request: Request) -> bytes:
+    async def _read_body(self, request: Request) -> bytearray:
+        try:
+            return await asyncio.wait_for(self._receive_body(request), self.config.body_read_timeout_s)
+        except asyncio.TimeoutError:
+            raise BodyReadTimeoutError(
+                f"request body not received within {self.config.body_read_timeout_s:g}s"
+            ) from None
+        except ClientDisconnect:
+            raise ClientDisconnectedError("the client closed the connection while sending its body") from None
+
+    async def _receive_body(self, request: Request) -> bytearray:
         limit = self.config.max_body_bytes
-        too_large = PayloadTooLargeError(f"request body is larger than the limit of {limit} bytes")
-        declared = request.headers.get("content-length")
-        if declared and declared.isdigit() and int(declared) > limit:
-            raise too_large
         body = bytearray()
         async for chunk in request.stream():
             body += chunk
             if len(body) > limit:
-                raise too_large
-        return bytes(body)
+                raise PayloadTooLargeError(f"request body is larger than the limit of {limit} bytes")
+        return body  # not copied to bytes: orjson reads a bytearray, and a 32 MiB copy is 32 MiB more
+
+
+class _NoWait:
+    """``async with`` that holds nothing (small requests do not take turns)."""
+
+    async def __aenter__(self) -> None:
+        return None
+
+    async def __aexit__(self, *exc) -> None:
+        return None
+
+
+def build_http_app(service: EmbeddingsService) -> FastAPI:
+    """The ingress's ASGI app: the OpenAI routes, and OpenAI-shaped answers for everything else.
+
+    No OpenAPI schema or docs routes: they would answer without a key.
+    """
+    app = FastAPI(title="KaLM embeddings", openapi_url=None, docs_url=None, redoc_url=None)
+    app.add_api_route("/v1/embeddings", service.embeddings, methods=["POST"])
+    app.add_api_route("/v1/models", service.models, methods=["GET"])
+    app.add_api_route("/health", service.health, methods=["GET"])
+    app.add_exception_handler(HTTPException, service.unknown_route)  # type: ignore[arg-type]
+
+    async def invalid(request: Request, exc: Exception) -> Response:  # routes take no typed parameters
+        return error_response(InvalidRequestError(str(exc)), "")
+
+    app.add_exception_handler(RequestValidationError, invalid)
+    return app
+
+
+@serve.deployment(name="EmbeddingsIngress", max_ongoing_requests=1024)
+@serve.ingress()
+class EmbeddingsIngress:
+    """The Ray Serve shell: builds the service from the app's config and serves its routes."""
+
+    def __init__(self, encoder: Any, config: dict):
+        route_core_logs_to_serve()
+        cfg = ServiceConfig(**config)
+        files = read_model_files(cfg.model)
+        tokenizer = TextTokenizer(files, cfg.max_input_tokens)
+        self.service = EmbeddingsService(
+            encoder, cfg, tokenizer, files.hidden_size, environment.api_keys(), IngressMetrics()
+        )
+        log.info(
+            "ingress ready: model_id=%s max_input_tokens=%d api_keys=%s",
+            cfg.model_id,
+            tokenizer.max_input_tokens,
+            "on" if self.service.api_keys else "off",
+        )
+
+    def __serve_build_asgi_app__(self) -> FastAPI:
+        return build_http_app(self.service)

@@ -19,7 +19,11 @@ FAILURE_REASONS = {
     400: "validation",
     401: "auth",
     404: "validation",
+    405: "validation",
+    408: "client_timeout",
     413: "validation",
+    431: "validation",
+    499: "cancelled",  # the client went away: counted, but not as the service's failure
     429: "overload",
     503: "overload",
     504: "timeout",
@@ -36,7 +40,7 @@ class IngressMetrics:
         )
         self.failures = metrics.Counter(
             "kalm_request_failures",
-            "Failed requests by reason (validation, auth, overload, timeout, internal).",
+            "Failed requests by reason (validation, auth, overload, timeout, client_timeout, cancelled, internal).",
             tag_keys=("reason",),
         )
         self.inputs = metrics.Counter("kalm_embedded_inputs", "Inputs embedded.")
@@ -100,6 +104,9 @@ class ReplicaMetrics:
         )
         self.batch_s = metrics.Histogram("kalm_batch_seconds", "Forward pass time.", boundaries=LATENCY_BUCKETS_S)
         self.queued_tokens = metrics.Gauge("kalm_replica_queued_tokens", "Tokens waiting in this replica's queue.")
+        self.dropped_inputs = metrics.Counter(
+            "kalm_dropped_inputs", "Queued inputs dropped uncomputed because their request was cancelled or failed."
+        )
 
     def record_batch(self, stats: BatchStats) -> None:
         self.batches.inc()
@@ -113,3 +120,7 @@ class ReplicaMetrics:
 
     def record_queued(self, tokens: int) -> None:
         self.queued_tokens.set(tokens)
+
+    def record_dropped(self, inputs: int, queued_tokens: int) -> None:
+        self.dropped_inputs.inc(inputs)
+        self.queued_tokens.set(queued_tokens)

@@ -51,7 +51,7 @@ class KalmEncoder:
         )
         self.encoder.warm_up()
         self.metrics = ReplicaMetrics()
-        self.batcher = TokenBudgetBatcher.for_encoder(self.encoder, cfg, on_batch=self._on_batch)
+        self.batcher = TokenBudgetBatcher.for_encoder(self.encoder, cfg, on_batch=self._on_batch, on_drop=self._on_drop)
         self.calls = 0  # embed calls received (one per chunk of a request)
         self.in_flight = 0  # embed calls inside this replica now (what Serve counts as its ongoing requests)
         self.in_flight_tokens = 0  # their tokens: what the autoscaling policy scales on
@@ -76,6 +76,9 @@ class KalmEncoder:
     def _on_batch(self, stats) -> None:
         self.metrics.record_batch(stats)
         self.metrics.record_queued(self.batcher.queued_tokens)
+
+    def _on_drop(self, inputs: int) -> None:
+        self.metrics.record_dropped(inputs, self.batcher.queued_tokens)
 
     def health(self) -> dict:
         return {
@@ -102,6 +105,7 @@ class KalmEncoder:
             "busy_s": s.busy_s,
             "longest_queue_s": s.longest_queue_s,
             "queued_tokens": self.batcher.queued_tokens,
+            "dropped_inputs": s.dropped_inputs,
             "torch_threads": torch.get_num_threads(),
             "calls": self.calls,
             "in_flight": self.in_flight,
