@@ -87,7 +87,7 @@ def test_embeddings_are_the_encoders_vectors_in_input_order(model_dir):
 
 
 def test_base64_dimensions_and_token_ids(model_dir):
-    svc = service(model_dir)
+    svc = service(model_dir, token_id_inputs="model")  # ids in the model's vocabulary, as sent
     ids = [[100, 200, 300], [5, 6]]
     resp = run(post(svc, {"model": model_id(model_dir), "input": ids, "dimensions": 8, "encoding_format": "base64"}))
     got = np.stack([np.frombuffer(base64.b64decode(d["embedding"]), "<f4") for d in resp.json()["data"]])
@@ -162,7 +162,7 @@ def test_malformed_bodies_are_400(model_dir, raw):
 
 
 def test_over_long_inputs_give_limit_and_length_unless_truncated(model_dir):
-    svc = service(model_dir, **LIMITS)
+    svc = service(model_dir, token_id_inputs="model", **LIMITS)
     text = "one two three four five six seven eight nine ten eleven twelve thirteen fourteen fifteen sixteen"
     err = error_of(run(post(svc, {"model": model_id(model_dir), "input": text})), 400, code="context_length_exceeded")
     assert "limit of 16" in err["message"] and "17 tokens" in err["message"]
