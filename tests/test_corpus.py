@@ -295,6 +295,7 @@ def test_status_lines_start_before_ray_does(tiny_model_dir, tmp_path, monkeypatc
         ({"instruction": " "}, "instruction must not be empty"),
         ({"instruction": "Find", "input_type": "query"}, "an instruction or an input_type, not both"),
     ],
+    ids=["rows_per_part", "input_type", "blank instruction", "two prompts"],
 )
 def test_options_are_checked_before_anything_runs(tmp_path, wrong, says, capsys):
     with pytest.raises(CorpusError, match=re.escape(says)):
