@@ -26,6 +26,7 @@ from torch import nn
 
 from ..errors import MissingWeightsError, ModelLoadError
 from .checkpoint import ModelFiles
+from .packed_attention import PackedSpans, packed_attention
 
 log = logging.getLogger(__name__)
 
@@ -43,6 +44,8 @@ def span_attention(module, query, key, value, attention_mask, spans=None, **kwar
 
     if spans is None:
         return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
+    if isinstance(spans, PackedSpans):  # CUDA: the whole row in one kernel call
+        return packed_attention(query, key, value, spans, kwargs.get("scaling")), None
     outputs = [
         sdpa_attention_forward(module, query[:, :, a:b], key[:, :, a:b], value[:, :, a:b], None, **kwargs)[0]
         for a, b in spans
