@@ -86,7 +86,7 @@ class ServiceConfig(BaseModel):
         gt=0,
         description="Token budget of one forward pass; default 512 on CPU (one batch of KaLM "
         "on 2 cores: ~1.2 s in bf16, ~3 s in fp32; texts packed end to end, no padding), 16384 on CUDA "
-        "(padded length x rows).",
+        "(packed too; models other than Qwen2 pad: longest length x rows).",
     )
     max_batch_wait_ms: float = Field(
         2.0,
@@ -97,7 +97,7 @@ class ServiceConfig(BaseModel):
         0.15,
         ge=0,
         le=1,
-        description="A padded batch (CUDA) takes no input "
+        description="A padded batch (models other than Qwen2) takes no input "
         "that would make more than this share of its computed tokens padding.",
     )
     max_chunk_tokens: int = Field(
