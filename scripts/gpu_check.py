@@ -18,8 +18,8 @@ and reports, each section on its own (one that fails is recorded and the rest st
 
 The JSON is rewritten after every section, so a run stopped early still leaves what it measured.
 A global time budget (``--budget-s``) skips sections that no longer fit. If the packed
-attention check fails on the GPU, the remaining sections run with padded batches instead
-(``layout`` in the JSON says which ran).
+attention check or the first forward pass with it fails on the GPU, the remaining sections
+run with padded batches instead (``layout`` in the JSON says which ran).
 """
 
 from __future__ import annotations
@@ -376,19 +376,21 @@ def main(argv: list[str] | None = None) -> int:
         loaded: dict = {}
 
         def load() -> dict:
-            encoder = Encoder.from_pretrained(model_dir, device=device, dtype=cfg["dtype"])
-            encoder.warm_up()
-            loaded["encoder"] = encoder
+            loaded["encoder"] = encoder = Encoder.from_pretrained(model_dir, device=device, dtype=cfg["dtype"])
             return {"dtype": dtype_name(encoder.dtype), "max_batch_tokens": encoder.max_batch_tokens}
 
         report.section("load", load)
         encoder = loaded.get("encoder")
         if encoder is None:
             return 1
+        # A wrong packed kernel would spoil every number after it: the rest then runs padded.
         dtype = encoder.dtype
         attention_ok = report.section("attention", lambda: attention_kernels(device, dtype, cfg)) is not None
-        if encoder.packed_kernel is not None and not attention_ok:
-            encoder.packed = False  # a wrong packed kernel would spoil every number after it: pad instead
+        if not attention_ok and encoder.packed_kernel is not None:
+            encoder.packed = False
+        if report.section("warm_up", lambda: {"warm_up_s": encoder.warm_up()}) is None and encoder.packed_kernel:
+            encoder.packed = False
+            report.section("warm_up_padded", lambda: {"warm_up_s": encoder.warm_up()})
         if not encoder.packed:
             attention = "padded SDPA"
         else:

@@ -13,6 +13,7 @@ SECTIONS = [
     "model",
     "load",
     "attention",
+    "warm_up",
     "parity",
     "throughput",
     "mixed_throughput",
