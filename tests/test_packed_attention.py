@@ -21,30 +21,29 @@ def spans_of(lengths):
     return [(int(a), int(b)) for a, b in zip(starts[:-1], starts[1:])]
 
 
-def per_text_attention(query, key, value, spans, scale):
-    """transformers' layout in ([1, heads, total, head_dim]) and out ([1, total, heads, head_dim])."""
+def per_text_attention(q, k, v, spans):
+    """SDPA one text at a time; [tokens, heads, head_dim] in and out."""
     outs = [
         F.scaled_dot_product_attention(
-            query[:, :, a:b], key[:, :, a:b], value[:, :, a:b], scale=scale, enable_gqa=True
-        ).transpose(1, 2)
+            q[a:b].transpose(0, 1), k[a:b].transpose(0, 1), v[a:b].transpose(0, 1), enable_gqa=True
+        ).transpose(0, 1)
         for a, b in spans
     ]
-    return torch.cat(outs, dim=1)
+    return torch.cat(outs)
 
 
 def test_nested_kernel_equals_attention_text_by_text_with_grouped_kv_heads():
     gen = torch.Generator().manual_seed(0)
-    heads, kv_heads, head_dim, total = 14, 2, 64, sum(LENGTHS)
-    query = torch.randn(1, heads, total, head_dim, generator=gen)
-    key = torch.randn(1, kv_heads, total, head_dim, generator=gen)
-    value = torch.randn(1, kv_heads, total, head_dim, generator=gen)
+    heads, kv_heads, head_dim, tokens = 14, 2, 64, sum(LENGTHS)
+    q = torch.randn(tokens, heads, head_dim, generator=gen)
+    k = torch.randn(tokens, kv_heads, head_dim, generator=gen)
+    v = torch.randn(tokens, kv_heads, head_dim, generator=gen)
     spans = spans_of(LENGTHS)
-    packing = PackedSpans(spans, torch.device("cpu"), NESTED)
 
-    got = packed_attention(query, key, value, packing, scale=head_dim**-0.5)
+    got = packed_attention(q, k, v, PackedSpans(spans, torch.device("cpu"), NESTED))
 
-    want = per_text_attention(query, key, value, spans, head_dim**-0.5)
-    assert got.shape == want.shape == (1, total, heads, head_dim)
+    want = per_text_attention(q, k, v, spans)
+    assert got.shape == want.shape == (tokens, heads, head_dim)
     assert torch.allclose(got, want, atol=1e-5, rtol=0)
 
 

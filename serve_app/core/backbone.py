@@ -45,7 +45,8 @@ def span_attention(module, query, key, value, attention_mask, spans=None, **kwar
     if spans is None:
         return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
     if isinstance(spans, PackedSpans):  # CUDA: the whole row in one kernel call
-        return packed_attention(query, key, value, spans, kwargs.get("scaling")), None
+        q, k, v = (t[0].transpose(0, 1) for t in (query, key, value))  # [1, heads, tokens, dim] -> [tokens, heads, dim]
+        return packed_attention(q, k, v, spans, kwargs.get("scaling")).unsqueeze(0), None
     outputs = [
         sdpa_attention_forward(module, query[:, :, a:b], key[:, :, a:b], value[:, :, a:b], None, **kwargs)[0]
         for a, b in spans

@@ -66,23 +66,21 @@ class PackedSpans(Sequence):
 
 
 def packed_attention(
-    query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, packing: PackedSpans, scale: float | None = None
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, packing: PackedSpans, scale: float | None = None
 ) -> torch.Tensor:
     """Bidirectional attention within each text of a packed row.
 
-    ``query`` [1, heads, total, head_dim], ``key``/``value`` [1, kv_heads, total, head_dim]
-    (transformers' layout); returns [1, total, heads, head_dim], as transformers' SDPA does.
+    ``q`` [tokens, heads, head_dim], ``k`` and ``v`` [tokens, kv_heads, head_dim], tokens in
+    the row's order; returns [tokens, heads, head_dim]. ``scale``: SDPA's default, 1/√head_dim.
     """
-    # [total, heads, head_dim]; contiguous because the kernels are only sure to take that layout.
-    q, k, v = (t[0].transpose(0, 1).contiguous() for t in (query, key, value))
+    # Contiguous: the kernels are only sure to take that layout.
+    q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
     if packing.kernel == VARLEN:
         from torch.nn.attention.varlen import varlen_attn
 
         cu, longest = packing.cu_seqlens, packing.max_len
-        out = varlen_attn(q, k, v, cu, cu, longest, longest, scale=scale, enable_gqa=True)
-    else:
-        out = _nested_sdpa(q, k, v, packing, scale)
-    return out.unsqueeze(0)
+        return varlen_attn(q, k, v, cu, cu, longest, longest, scale=scale, enable_gqa=True)
+    return _nested_sdpa(q, k, v, packing, scale)
 
 
 def _nested_sdpa(q, k, v, packing: PackedSpans, scale: float | None) -> torch.Tensor:
