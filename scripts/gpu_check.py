@@ -168,11 +168,20 @@ def commit() -> str:
 # --- sections ------------------------------------------------------------------------------
 
 
-def environment(device: torch.device, mode: str) -> dict:
+def nvidia_smi() -> str | None:
+    try:
+        query = ["nvidia-smi", "--query-gpu=name,driver_version,memory.total,power.limit", "--format=csv,noheader"]
+        out = subprocess.run(query, capture_output=True, text=True, timeout=20)
+        return out.stdout.strip() or None
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
+def environment(device: torch.device, mode: str, commit_id: str | None) -> dict:
     info = {
         "mode": mode,
         "date_utc": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "commit": commit(),
+        "commit": commit_id or commit(),
         "torch": torch.__version__,
         "python": platform.python_version(),
         "cpu": cpu_model(),
@@ -187,6 +196,7 @@ def environment(device: torch.device, mode: str) -> dict:
             "compute_capability": list(torch.cuda.get_device_capability(device)),
             "cuda": torch.version.cuda,
             "flash_attention_available": torch.backends.cuda.is_flash_attention_available(),
+            "nvidia_smi": nvidia_smi(),
         }
     return info
 
@@ -354,6 +364,7 @@ def main(argv: list[str] | None = None) -> int:
         "--budget-s", type=float, help="stop starting sections after this long (default 420; smoke 240)"
     )
     parser.add_argument("--model-dir", type=Path, help="use this model directory instead of writing a stand-in")
+    parser.add_argument("--commit", help="the commit measured, where the tree has no .git (default: git rev-parse)")
     args = parser.parse_args(argv)
     mode = "smoke" if args.smoke else "gpu"
     cfg = MODES[mode]
@@ -363,7 +374,7 @@ def main(argv: list[str] | None = None) -> int:
         report.data["fatal"] = "no CUDA device visible to torch; use --smoke for the CPU run"
         report.write()
         return 2
-    report.section("environment", lambda: environment(device, mode))
+    report.section("environment", lambda: environment(device, mode, args.commit))
 
     with tempfile.TemporaryDirectory(prefix="kalm-gpu-check-") as tmp:
         model_dir = args.model_dir or Path(tmp) / f"standin-{cfg['size']}"
