@@ -6,7 +6,7 @@ kernel launch per text and layer would leave it idle, so there the whole row goe
 single variable-length kernel, given each text's start as ``cu_seqlens``:
 
 * ``varlen``: ``torch.nn.attention.varlen.varlen_attn``, FlashAttention-2 over
-  ``cu_seqlens`` (in torch 2.13, no extra package): fp16/bf16 on GPUs with compute
+  ``cu_seqlens`` (torch 2.11 and 2.13, no extra package): fp16/bf16 on GPUs with compute
   capability 8.0 or newer; grouped-query attention without repeating KV heads.
 * ``nested``: SDPA over nested jagged tensors, which dispatches to the same fused
   variable-length kernels on CUDA (the memory-efficient one for fp32) and to a plain
@@ -18,7 +18,9 @@ yet (docs/gpu.md): ``scripts/gpu_check.py`` checks both kernels against per-text
 
 from __future__ import annotations
 
+import functools
 import importlib.util
+import inspect
 from collections.abc import Sequence
 
 import torch
@@ -79,8 +81,17 @@ def packed_attention(
         from torch.nn.attention.varlen import varlen_attn
 
         cu, longest = packing.cu_seqlens, packing.max_len
-        return varlen_attn(q, k, v, cu, cu, longest, longest, scale=scale, enable_gqa=True)
+        # FlashAttention shares KV heads natively; torch 2.13 asks for it explicitly, 2.11 takes no such flag.
+        gqa = {"enable_gqa": True} if _varlen_has_gqa_flag() else {}
+        return varlen_attn(q, k, v, cu, cu, longest, longest, scale=scale, **gqa)
     return _nested_sdpa(q, k, v, packing, scale)
+
+
+@functools.cache
+def _varlen_has_gqa_flag() -> bool:
+    from torch.nn.attention.varlen import varlen_attn
+
+    return "enable_gqa" in inspect.signature(varlen_attn).parameters
 
 
 def _nested_sdpa(q, k, v, packing: PackedSpans, scale: float | None) -> torch.Tensor:
