@@ -12,7 +12,7 @@ and reports, each section on its own (one that fails is recorded and the rest st
 * ``parity``: bf16 cosine to the float64 reference (``serve_app.testing.reference``), and a
   text's vector alone against the same text in a mixed batch;
 * ``throughput``: ``Encoder.embed_token_ids`` tokens/s on 128-, 512- and 2048-token texts and
-  on mixed lengths;
+  on mixed lengths, packed and (for comparison) padded;
 * ``long_input``: one 32k-token input: seconds and peak memory;
 * ``scheduler``: ``TokenBudgetBatcher`` query latency (p50/p95) alone and under bulk load.
 
@@ -284,6 +284,16 @@ def mixed_throughput(encoder: Encoder, cfg: dict) -> dict:
     return out
 
 
+def mixed_throughput_padded(encoder: Encoder, cfg: dict) -> dict:
+    """The same mixed lengths in padded batches (what the GPU ran before packing), for comparison."""
+    packed = encoder.packed
+    encoder.packed = False
+    try:
+        return mixed_throughput(encoder, cfg)
+    finally:
+        encoder.packed = packed
+
+
 def long_input(encoder: Encoder, cfg: dict) -> dict:
     ids = random_texts([cfg["long_tokens"]], seed=3)
     runs = []
@@ -411,6 +421,12 @@ def main(argv: list[str] | None = None) -> int:
         report.section("parity", lambda: parity(encoder, model_dir), needs_s=20)
         report.section("throughput", lambda: throughput(encoder, cfg), needs_s=60 if mode == "gpu" else 5)
         report.section("mixed_throughput", lambda: mixed_throughput(encoder, cfg), needs_s=20 if mode == "gpu" else 3)
+        if encoder.packed:
+            report.section(
+                "mixed_throughput_padded",
+                lambda: mixed_throughput_padded(encoder, cfg),
+                needs_s=20 if mode == "gpu" else 3,
+            )
         report.section("long_input", lambda: long_input(encoder, cfg), needs_s=30 if mode == "gpu" else 3)
         report.section(
             "scheduler", lambda: scheduler_latency(encoder, model_dir, cfg), needs_s=2 * cfg["scheduler_s"] + 5

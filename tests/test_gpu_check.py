@@ -17,6 +17,7 @@ SECTIONS = [
     "parity",
     "throughput",
     "mixed_throughput",
+    "mixed_throughput_padded",
     "long_input",
     "scheduler",
 ]
@@ -41,6 +42,7 @@ def test_smoke_mode_writes_every_section(tiny_model_dir, tmp_path):
     for length in (128, 512, 2048):
         assert sections["throughput"][f"{length}_tokens"]["tokens_per_s_median"] > 0
     assert sections["mixed_throughput"]["tokens_per_s_median"] > 0
+    assert sections["mixed_throughput_padded"]["tokens_per_round"] == sections["mixed_throughput"]["tokens_per_round"]
     assert sections["long_input"]["tokens"] == 2048 and len(sections["long_input"]["runs"]) == 2
     loaded = sections["scheduler"]["under_bulk_load"]
     assert (
