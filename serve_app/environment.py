@@ -6,6 +6,7 @@
 | ``KALM_API_KEYS`` | unset: no authentication | the ingress (comma-separated keys) |
 | ``KALM_DTYPE`` | unset: ``dtype: auto`` decides | ``core.device.parse_dtype`` when the dtype is ``auto`` |
 | ``KALM_CORPUS_DEBUG`` | unset | the corpus job logs at DEBUG when set |
+| ``RAY_ADDRESS`` | unset: the corpus job starts a local Ray | the corpus job (Ray's own variable: the cluster to join) |
 """
 
 from __future__ import annotations
@@ -32,3 +33,8 @@ def dtype_override() -> str | None:
 
 def corpus_debug() -> bool:
     return bool(os.environ.get("KALM_CORPUS_DEBUG"))
+
+
+def ray_address() -> str | None:
+    """``$RAY_ADDRESS``: the Ray cluster the corpus job joins; unset, it starts a local Ray."""
+    return os.environ.get("RAY_ADDRESS") or None

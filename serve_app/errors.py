@@ -91,3 +91,10 @@ class MissingWeightsError(ModelLoadError):
         more = f" (and {len(missing) - 10} more)" if len(missing) > 10 else ""
         super().__init__(f"checkpoint is missing {len(missing)} weight(s): {shown}{more}")
         self.missing = sorted(missing)
+
+
+# --- the offline corpus job ------------------------------------------------------
+
+
+class CorpusError(KalmServeError):
+    """The corpus job's input or output folder cannot be used as asked; the message says why."""

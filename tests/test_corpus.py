@@ -2,8 +2,8 @@
 
 Reading and planning are tested without Ray. The Ray tests share one small cluster
 (2 CPUs, the smallest object store Ray allows) started and stopped here; jobs run
-in this process (``corpus.main``) or, where one must be killed, as ``python -m
-serve_app.corpus`` subprocesses.
+in this process (``cli.main``, ``embed_corpus``) or, where one must be killed or must
+not see the test's Ray, as ``python -m serve_app.corpus`` subprocesses.
 """
 
 from __future__ import annotations
@@ -11,8 +11,10 @@ from __future__ import annotations
 import csv
 import gzip
 import json
+import logging
 import os
 import random
+import re
 import signal
 import subprocess
 import sys
@@ -26,17 +28,20 @@ import pyarrow.parquet as pq
 import pytest
 
 from serve_app.core.checkpoint import KALM_QUERY_INSTRUCTION
-from serve_app.corpus import job as corpus
+from serve_app.corpus import CorpusOptions, cli, embed_corpus
+from serve_app.corpus.benchmark import benchmark
 from serve_app.corpus.io import (
     INDEX_STRIDE,
     Columns,
-    CorpusError,
     done_parts,
     list_inputs,
     make_plan,
     read_part,
     scan_file,
 )
+from serve_app.corpus.job import default_rows_per_part
+from serve_app.corpus.pipeline import tokenize
+from serve_app.errors import CorpusError
 from tests.service_harness import ROOT, kill_processes_mentioning, ray_auth_env
 
 OBJECT_STORE_BYTES = 80 * 1024 * 1024  # Ray's minimum is 75 MiB
@@ -210,10 +215,37 @@ def test_bad_rows_are_found_and_good_rows_kept(tmp_path):
     assert (ids, texts, [b["id"] for b in bad]) == ([0, 3], ["one", "four"], [1, 2])
 
 
+EMPTY_ID_INPUTS = {
+    "csv": b'id,text\n1,one\n,two\n3,three\n" ",four\n',
+    "tsv": b"id\ttext\n1\tone\n\ttwo\n3\tthree\n \tfour\n",
+    "jsonl": b'{"id": 1, "text": "one"}\n{"id": "", "text": "two"}\n{"id": 3, "text": "three"}\n'
+    b'{"id": " ", "text": "four"}\n{"text": "five"}\n{"id": null, "text": "six"}\n',
+}
+
+
+@pytest.mark.parametrize("fmt", sorted(EMPTY_ID_INPUTS))
+def test_empty_or_missing_ids_are_bad_rows_and_int_ids_stay_int(tmp_path, fmt):
+    (tmp_path / f"in.{fmt}").write_bytes(EMPTY_ID_INPUTS[fmt])
+    plan = plan_for(str(tmp_path / f"in.{fmt}"), 100)
+    ids, texts, bad = read_all(plan)
+    assert (plan.id_type, ids, texts) == ("int64", [1, 3], ["one", "three"])
+    expected = [(1, "", "empty id"), (3, " ", "empty id")]
+    if fmt == "jsonl":
+        expected += [(4, None, "no id field 'id'"), (5, None, "null id")]
+    assert [(b["row"], b["id"], b["reason"]) for b in bad] == expected
+
+
+def test_empty_or_missing_ids_are_bad_rows_in_parquet(tmp_path):
+    pq.write_table(pa.table({"id": ["a", "", None, "d"], "text": ["one", "two", "three", "four"]}), tmp_path / "in.pq")
+    ids, texts, bad = read_all(plan_for(str(tmp_path / "in.pq"), 100))
+    assert (ids, texts) == (["a", "d"], ["one", "four"])
+    assert [(b["row"], b["reason"]) for b in bad] == [(1, "empty id"), (2, "null id")]
+
+
 def test_default_part_size_keeps_every_actor_busy():
-    assert corpus.default_rows_per_part(10_000_000, 8) == 10_000  # big corpora: big parts
-    assert corpus.default_rows_per_part(1_000, 2) == 125  # 4 parts per actor
-    assert corpus.default_rows_per_part(50, 2) == 100  # never tiny parts
+    assert default_rows_per_part(10_000_000, 8) == 10_000  # big corpora: big parts
+    assert default_rows_per_part(1_000, 2) == 125  # 4 parts per actor
+    assert default_rows_per_part(50, 2) == 100  # never tiny parts
 
 
 def test_over_long_texts_are_bad_rows_unless_truncated(tiny_encoder):
@@ -221,10 +253,71 @@ def test_over_long_texts_are_bad_rows_unless_truncated(tiny_encoder):
 
     tok = TextTokenizer(tiny_encoder.files, max_input_tokens=8)
     texts = ["short", "this text is certainly longer than eight tokens, by quite a lot", "also short"]
-    got = corpus.tokenize(tok, texts, "", truncate=False)
+    got = tokenize(tok, texts, "", truncate=False)
     assert got[0][1] is None and got[2][1] is None
     assert got[1][0] is None and got[1][1].startswith("over-long: ") and "limit of 8 tokens" in got[1][1]
-    assert len(corpus.tokenize(tok, texts, "", truncate=True)[1][0]) == 8
+    assert len(tokenize(tok, texts, "", truncate=True)[1][0]) == 8
+
+
+STATUS_LINE = re.compile(r"^\[corpus\] \d:\d\d:\d\d ")
+
+
+def test_status_lines_start_before_ray_does(tiny_model_dir, tmp_path, monkeypatch, capsys):
+    """The first line comes at once, and Ray is started with its own output kept out of view."""
+    import ray
+
+    class RayWouldStartHere(Exception):
+        pass
+
+    started_with = {}
+
+    def init(**kwargs):
+        started_with.update(kwargs, stderr=capsys.readouterr().err)
+        raise RayWouldStartHere
+
+    monkeypatch.setattr(ray, "is_initialized", lambda: False)
+    monkeypatch.setattr(ray, "init", init)
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    inp = write_rows(tmp_path / "in.jsonl", "jsonl", [{"id": 1, "text": "one"}])
+    with pytest.raises(RayWouldStartHere):
+        embed_corpus(CorpusOptions(str(inp), str(tmp_path / "out"), model=str(tiny_model_dir)))
+    lines = started_with["stderr"].splitlines()
+    assert all(STATUS_LINE.match(line) for line in lines), lines
+    assert "reading the model's files" in lines[0] and lines[-1].endswith(" starting a local Ray")
+    assert f"note: {tiny_model_dir} is a stand-in checkpoint with RANDOM weights" in lines[1]
+    assert started_with["log_to_driver"] is False and started_with["logging_level"] == logging.ERROR
+
+
+@pytest.mark.parametrize(
+    "wrong, says",
+    [
+        ({"rows_per_part": 0}, "rows_per_part must be at least 1, got 0"),
+        ({"input_type": "queries"}, "input_type must be one of None, query, document, got 'queries'"),
+        ({"instruction": " "}, "instruction must not be empty"),
+        ({"instruction": "Find", "input_type": "query"}, "an instruction or an input_type, not both"),
+    ],
+)
+def test_options_are_checked_before_anything_runs(tmp_path, wrong, says, capsys):
+    with pytest.raises(CorpusError, match=re.escape(says)):
+        embed_corpus(CorpusOptions(str(tmp_path / "none.jsonl"), str(tmp_path / "out"), **wrong))
+    assert capsys.readouterr().err == "" and not (tmp_path / "out").exists()
+
+
+def test_ray_core_lines_on_stderr_are_held_back():
+    """Ray's C++ core writes to the process's stderr directly; the command keeps those lines aside."""
+    code = (
+        "import os, sys\n"
+        "from collections import deque\n"
+        "from serve_app.corpus.cli import _ray_core_lines_held_back\n"
+        "held = deque()\n"
+        "with _ray_core_lines_held_back(held):\n"
+        "    os.write(2, b'[2026-11-30 10:14:00,613 E 14316 14316] core_worker.cc:2465: Actor with class name: "
+        "MapWorker has constructor arguments in the object store and max_restarts > 0.\\n')\n"
+        "    print('[corpus] 0:00:01 a status line', file=sys.stderr)\n"
+        "print('held', len(held))\n"
+    )
+    run = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert (run.returncode, run.stdout, run.stderr) == (0, "held 1\n", "[corpus] 0:00:01 a status line\n")
 
 
 # --- the job on Ray -----------------------------------------------------------------------
@@ -248,7 +341,7 @@ def cluster():
             },
         )
         try:
-            ray.init(address=c.address)
+            ray.init(address=c.address, log_to_driver=False)  # as the job's own connection, without --verbose
             yield c
         finally:
             ray.shutdown()
@@ -257,7 +350,7 @@ def cluster():
 
 
 def run_job(cluster, model_dir, inp, out, *args) -> dict:
-    code = corpus.main(
+    code = cli.main(
         [
             "--input",
             str(inp),
@@ -277,7 +370,7 @@ def run_job(cluster, model_dir, inp, out, *args) -> dict:
     return summary
 
 
-def cli(cluster, model_dir, inp, out, *args) -> list[str]:
+def command(cluster, model_dir, inp, out, *args) -> list[str]:
     return [
         sys.executable,
         "-m",
@@ -333,9 +426,9 @@ def test_same_vectors_offline_online_and_encoder(cluster, tiny_model_dir, tiny_e
     assert sum(n_tokens) == answer["usage"]["prompt_tokens"]  # same prompt, same tokens
 
 
-def test_every_format_end_to_end(cluster, tiny_model_dir, tiny_encoder, tmp_path):
+def test_every_format_end_to_end(cluster, tiny_model_dir, tiny_encoder, tmp_path, capsys):
     """A folder of every id-bearing format (plain text: the resume test), tokenised in CPU tasks
-    in front of the encoder actors, as on GPU clusters."""
+    in front of the encoder actors, as on GPU clusters; stderr holds status lines only."""
     texts = make_texts(500, seed=2)
     fmts = ["parquet", "jsonl", "jsonl.gz", "csv", "tsv"]
     for k, fmt in enumerate(fmts):
@@ -347,6 +440,13 @@ def test_every_format_end_to_end(cluster, tiny_model_dir, tiny_encoder, tmp_path
     summary = run_job(
         cluster, tiny_model_dir, tmp_path / "in", tmp_path / "out", "--rows-per-part", "64", "--tokenize-in", "tasks"
     )
+    lines = capsys.readouterr().err.splitlines()
+    assert [line for line in lines if not STATUS_LINE.match(line)] == []
+    assert "planning: counting the rows of 5 input files" in "\n".join(lines)
+    assert "loading the model on 1 encoder actor (1 CPU each; tokenising in CPU tasks)" in "\n".join(lines)
+    assert [line for line in lines if "rows (" in line][-1] == lines[-1]
+    assert [line for line in lines if "(100.0%)" in line] == [lines[-1]]  # one final line
+    assert "500/500 rows (100.0%) | 0 bad" in lines[-1]
     assert (summary["corpus_rows"], summary["embedded"], summary["bad"], summary["parts"]) == (500, 500, 0, 8)
     assert summary["dtypes"] == ["float32"]  # what the encoders ran in ($KALM_DTYPE, set for the tests)
     ids, vectors, n_tokens = read_output(tmp_path / "out")
@@ -422,16 +522,28 @@ def test_resume_refuses_other_settings_or_changed_input(bad_rows_job, cluster, t
         (["--dimensions", "32"], "dimensions: was None, now 32"),
         (["--rows-per-part", "25"], "rows_per_part: was 50, now 25"),
     ):
-        assert corpus.main(base + BAD_JOB_ARGS + extra) == 2
+        assert cli.main(base + BAD_JOB_ARGS + extra) == 2
         assert says in capsys.readouterr().err
-    assert corpus.main(base + ["--max-tokens", "64"]) == 2  # no --instruction: another prompt
+    assert cli.main(base + ["--max-tokens", "64"]) == 2  # no --instruction: another prompt
     assert "prompt: was" in capsys.readouterr().err
     extra_file = write_rows(tmp / "in/c.jsonl", "jsonl", [{"id": 999, "text": "one more"}])
     try:
-        assert corpus.main(base + BAD_JOB_ARGS) == 2
+        assert cli.main(base + BAD_JOB_ARGS) == 2
         assert "not what this output directory was started with (new: " in capsys.readouterr().err
     finally:
         extra_file.unlink()
+
+
+def test_resume_with_nothing_to_do_answers_without_ray(bad_rows_job, tiny_model_dir):
+    tmp, _, first = bad_rows_job
+    argv = ["--input", str(tmp / "in"), "--output", str(tmp / "out"), "--model", str(tiny_model_dir), *BAD_JOB_ARGS]
+    code = f"import sys\nfrom serve_app.corpus import cli\ncode = cli.main({argv!r})\nprint('ray', 'ray' in sys.modules)\nsys.exit(code)"
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    run = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
+    assert run.returncode == 0, run.stderr
+    assert f"({first['parts']} of {first['parts']} parts were already done)" in run.stdout
+    assert run.stdout.endswith("ray False\n")  # never imported, let alone started
+    assert run.stderr.splitlines()[-1].endswith(f"all {first['parts']} parts are already done: nothing to embed")
 
 
 @pytest.mark.slow
@@ -440,7 +552,7 @@ def test_resume_after_kill_does_only_what_is_missing(cluster, tiny_model_dir, tm
     n, per_part = 12_000, 300
     write_rows(tmp_path / "in.txt", "text", [{"text": t} for t in make_texts(n, seed=4)])
     out = tmp_path / "out"
-    cmd = cli(cluster, tiny_model_dir, tmp_path / "in.txt", out, "--rows-per-part", str(per_part))
+    cmd = command(cluster, tiny_model_dir, tmp_path / "in.txt", out, "--rows-per-part", str(per_part))
     with open(tmp_path / "first.log", "wb") as log:
         proc = subprocess.Popen(cmd, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
         deadline = time.monotonic() + 180
@@ -455,7 +567,8 @@ def test_resume_after_kill_does_only_what_is_missing(cluster, tiny_model_dir, tm
 
     second = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)  # the same arguments
     assert second.returncode == 0, second.stdout[-3000:] + second.stderr[-5000:]
-    assert "[corpus] " in second.stderr and "corpus job complete" in second.stdout  # progress + summary
+    assert "corpus job complete" in second.stdout
+    assert all(STATUS_LINE.match(line) for line in second.stderr.splitlines()), second.stderr[-5000:]
     summary = json.loads((out / "_summary.json").read_text())
     assert summary["parts_done_before"] == len(before)
     assert summary["parts_this_run"] == n // per_part - len(before)
@@ -495,10 +608,8 @@ def test_corpus_larger_than_the_object_store(cluster, tiny_model_dir, tmp_path):
 
 def test_benchmark_mode_compares_with_sentence_transformers(cluster, tiny_model_dir, tmp_path, capsys):
     inp = write_rows(tmp_path / "in.jsonl", "jsonl", [{"id": i, "text": t} for i, t in enumerate(make_texts(800))])
-    args = corpus.parse_args(
-        ["--input", str(inp), "--model", str(tiny_model_dir), "--address", cluster.address, "--benchmark"]
-    )
-    result = corpus.benchmark(args)
+    options = CorpusOptions(str(inp), str(tmp_path / "out"), model=str(tiny_model_dir), address=cluster.address)
+    result = benchmark(options)
     out = capsys.readouterr().out
     assert "sentence-transformers encode" in out and "corpus job, encoders loaded" in out
     assert result["texts"] == 800 and result["tokens"] > 0
@@ -507,3 +618,5 @@ def test_benchmark_mode_compares_with_sentence_transformers(cluster, tiny_model_
     assert result["ratio"] == pytest.approx(
         result["corpus_tokens_per_s_steady"] / result["st_tokens_per_s"], rel=1e-2, abs=1e-3
     )
+    with pytest.raises(CorpusError, match="needs a fresh output folder"):
+        benchmark(options)

@@ -11,7 +11,7 @@ from starlette.responses import Response
 from .. import errors
 
 # error class -> (HTTP status, OpenAI error type, code). First match wins (subclasses first).
-ERROR_TABLE: list[tuple[type[Exception], int, str, str | None]] = [
+ERROR_TABLE: list[tuple[type[errors.KalmServeError], int, str, str | None]] = [
     (errors.InputTooLongError, 400, "invalid_request_error", "context_length_exceeded"),
     (errors.TokenIdOutOfRangeError, 400, "invalid_request_error", "invalid_token_id"),
     (errors.InvalidRequestError, 400, "invalid_request_error", None),

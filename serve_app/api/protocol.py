@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import base64
 from dataclasses import dataclass
-from typing import Literal
+from typing import Literal, cast
 
 import numpy as np
 import orjson
@@ -80,11 +80,12 @@ def validate_request(
 
     if isinstance(inputs[0], str):
         prompt = tokenizer.request_prompt(req.instruction, req.input_type, config.default_query_instruction)
-        tokenized = tokenizer.encode_texts(inputs, prompt=prompt, truncate=req.truncate)
+        # pydantic validated ``input`` as one shape of its union: the first item says which
+        tokenized = tokenizer.encode_texts(cast("list[str]", inputs), prompt=prompt, truncate=req.truncate)
     else:
         if req.instruction is not None or req.input_type == "query":
             raise InvalidRequestError("instructions apply to text inputs, not token ids", param="instruction")
-        tokenized = tokenizer.check_token_ids(inputs, truncate=req.truncate)
+        tokenized = tokenizer.check_token_ids(cast("list[list[int]]", inputs), truncate=req.truncate)
 
     token_ids = [t.ids for t in tokenized]
     n_tokens = sum(len(ids) for ids in token_ids)

@@ -174,7 +174,7 @@ class TokenBudgetBatcher:
         self._paused: list[_Job] = []
         self._running: _Job | None = None
         self._preempt = False  # read by the model thread between layers
-        self._wakeup: asyncio.Event | None = None
+        self._wakeup = asyncio.Event()  # one per event loop: _ensure_loop makes a new one with the loop task
         self._loop_task: asyncio.Task | None = None
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="model")
 
@@ -228,6 +228,7 @@ class TokenBudgetBatcher:
         except asyncio.CancelledError:
             self._drop(call)
             raise
+        assert call.started is not None, "a finished call has started"
         return EmbedResult(call.vectors, call.started - call.arrived, time.monotonic() - call.started, call.batches)
 
     def estimated_wait_s(self) -> float:
@@ -264,6 +265,7 @@ class TokenBudgetBatcher:
             try:
                 done = await loop.run_in_executor(self._executor, self._run_job, job)
                 if done:
+                    assert job.runner is not None, "_run_job made it"
                     vectors, stats = job.runner.result()
             except Exception as exc:  # a failed batch fails its callers, never the loop
                 log.exception("batch of %d inputs failed", len(job.inputs))
@@ -375,7 +377,7 @@ class TokenBudgetBatcher:
 
         The head is the first input in turn order, or an aged bulk input (with the full budget).
         """
-        candidates = itertools.islice(self._in_turn_order(), SCAN_LIMIT)
+        candidates: Iterator[_Input] = itertools.islice(self._in_turn_order(), SCAN_LIMIT)
         first = next(candidates)
         head = first
         oldest_bulk = next(self._live(self._bulk), None)

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
+from typing import cast
 
 import torch
 from torch import nn
@@ -177,7 +178,7 @@ def load_backbone(
         config = Qwen2Config(**cfg)
         config._attn_implementation = "sdpa"
         try:
-            model, info = Qwen2Model.from_pretrained(
+            loaded = Qwen2Model.from_pretrained(
                 str(files.path),
                 config=config,
                 dtype=dtype,
@@ -186,6 +187,8 @@ def load_backbone(
             )
         except (OSError, ValueError) as exc:
             raise ModelLoadError(f"cannot load weights from {files.path}: {exc}") from exc
+        # output_loading_info=True returns (model, info); transformers' annotation names the model alone
+        model, info = cast("tuple[Qwen2Model, dict[str, list[str]]]", loaded)
         # Unused tensors such as lm_head are fine; a missing one would be silently random.
         if info["missing_keys"]:
             raise MissingWeightsError(list(info["missing_keys"]))

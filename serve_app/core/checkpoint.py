@@ -108,6 +108,14 @@ def _read_json(path: Path) -> dict | list | None:
         raise ModelLoadError(f"{path} is not valid JSON: {exc}") from exc
 
 
+def _read_json_object(path: Path) -> dict:
+    """A settings file that holds one JSON object; ``{}`` when there is none."""
+    doc = _read_json(path)
+    if doc is not None and not isinstance(doc, dict):
+        raise ModelLoadError(f"{path} holds a JSON {type(doc).__name__}, not an object")
+    return doc or {}
+
+
 def read_model_files(name_or_path: str | os.PathLike) -> ModelFiles:
     """Resolve ``name_or_path`` and read its pipeline description."""
     path = resolve_model_dir(name_or_path)
@@ -122,13 +130,13 @@ def read_model_files(name_or_path: str | os.PathLike) -> ModelFiles:
         normalize = any(t.endswith("Normalize") for t in types)
         pooling_dir = next((m.get("path", "") for m in modules if m.get("type", "").endswith("Pooling")), None)
         if pooling_dir is not None:
-            pooling = _pooling_mode(_read_json(path / pooling_dir / "config.json") or {})
+            pooling = _pooling_mode(_read_json_object(path / pooling_dir / "config.json"))
         unsupported = [t for t in types if not t.endswith(("Transformer", "Pooling", "Normalize"))]
         if unsupported:
             raise ModelLoadError(f"unsupported sentence-transformers modules in {path}: {unsupported}")
 
-    st_config = _read_json(path / "sentence_bert_config.json") or {}
-    prompts_config = _read_json(path / "config_sentence_transformers.json") or {}
+    st_config = _read_json_object(path / "sentence_bert_config.json")
+    prompts_config = _read_json_object(path / "config_sentence_transformers.json")
     prompts = dict(prompts_config.get("prompts") or {})
     if is_qwen2_config(config):
         # KaLM v2's documented defaults when the directory does not name them.

@@ -14,13 +14,14 @@ import logging
 import os
 import time
 from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 import torch
 
 from ..batching.layout import pack_batch, pad_batch, unpack_hidden
 from ..batching.planning import BatchStats, plan_batches
-from .backbone import BidirectionalQwen2, load_backbone
+from .backbone import BidirectionalQwen2, LayerState, load_backbone
 from .checkpoint import ModelFiles, read_model_files
 from .device import dtype_name, parse_dtype, resolve_device, to_device
 from .packed_attention import PackedSpans, packed_kernel
@@ -155,11 +156,12 @@ class BatchRun:
         self.encoder = encoder
         self.rows = len(token_ids)
         self.tokens = sum(len(ids) for ids in token_ids)
+        self.inputs: dict[str, Any]  # the backbone's keyword arguments: tensors, and spans when packed
         if encoder.packed:
             input_ids, spans = pack_batch(token_ids)
-            if encoder.packed_kernel is not None:
-                spans = PackedSpans(spans, encoder.device, encoder.packed_kernel)
-            self.inputs = {"input_ids": to_device(input_ids, encoder.device), "spans": spans}
+            kernel = encoder.packed_kernel  # CUDA: the spans with what the packed kernel needs, on the device
+            packing = spans if kernel is None else PackedSpans(spans, encoder.device, kernel)
+            self.inputs = {"input_ids": to_device(input_ids, encoder.device), "spans": packing}
             self.computed_tokens = self.tokens
         else:
             input_ids, attention_mask = pad_batch(token_ids, encoder.tokenizer.pad_token_id)
@@ -169,7 +171,7 @@ class BatchRun:
             }
             self.computed_tokens = input_ids.numel()
         self.compute_s = 0.0
-        self._state = None
+        self._state: LayerState | None = None
         self._vectors: np.ndarray | None = None
 
     @torch.inference_mode()
@@ -177,7 +179,7 @@ class BatchRun:
         started = time.perf_counter()
         try:
             model = self.encoder.model
-            if should_yield is None or not hasattr(model, "begin"):
+            if should_yield is None or not isinstance(model, BidirectionalQwen2):  # others run in one piece
                 hidden = model(**self.inputs)
             else:
                 if self._state is None:

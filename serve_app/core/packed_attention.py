@@ -22,6 +22,7 @@ import functools
 import importlib.util
 import inspect
 from collections.abc import Sequence
+from typing import cast
 
 import torch
 import torch.nn.functional as F
@@ -82,8 +83,11 @@ def packed_attention(
 
         cu, longest = packing.cu_seqlens, packing.max_len
         # FlashAttention shares KV heads natively; torch 2.13 asks for it explicitly, 2.11 takes no such flag.
-        gqa = {"enable_gqa": True} if _varlen_has_gqa_flag() else {}
-        return varlen_attn(q, k, v, cu, cu, longest, longest, scale=scale, **gqa)
+        if _varlen_has_gqa_flag():
+            out = varlen_attn(q, k, v, cu, cu, longest, longest, scale=scale, enable_gqa=True)
+        else:
+            out = varlen_attn(q, k, v, cu, cu, longest, longest, scale=scale)
+        return cast(torch.Tensor, out)  # no return_aux asked: the output alone
     return _nested_sdpa(q, k, v, packing, scale)
 
 

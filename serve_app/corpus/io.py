@@ -37,6 +37,8 @@ import pyarrow as pa
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
+from ..errors import CorpusError
+
 MANIFEST = "_corpus.json"
 BAD_ROWS_DIR = "_bad_rows"
 SUMMARY = "_summary.json"
@@ -66,10 +68,6 @@ LINE_FORMATS = ("jsonl", "csv", "tsv", "text")
 STRING_TYPES = (pa.string(), pa.large_string(), pa.string_view(), pa.binary(), pa.large_binary())
 
 csv.field_size_limit(min(sys.maxsize, 2**31 - 1))  # documents are longer than csv's 128 KiB default
-
-
-class CorpusError(Exception):
-    """The input or the output directory cannot be used as asked; the message says why."""
 
 
 # --- files and URIs --------------------------------------------------------------------
@@ -310,7 +308,9 @@ def _csv_header(f: InputFile) -> tuple[list[str], int]:
     return [], lines.consumed
 
 
-def _csv_records(f: InputFile, lines: Iterator[bytes], header: list[str], cols: Columns) -> Iterator[tuple[int, tuple]]:
+def _csv_records(
+    f: InputFile, lines: Iterator[bytes], header: list[str], cols: Columns
+) -> Iterator[tuple[int, tuple | None]]:
     feeder = _CsvLines(lines)
     reader = csv.reader(feeder, delimiter="\t" if f.format == "tsv" else ",")
     text_at = header.index(cols.text) if cols.text in header else None
@@ -380,6 +380,11 @@ def _id_kind(value: Any) -> str | None:
     return None
 
 
+def _empty_id(value: Any) -> bool:
+    """An id that is only whitespace names nothing: its row is a bad row (and does not make int ids strings)."""
+    return isinstance(value, str) and not value.strip()
+
+
 def _canonical_int(s: str) -> bool:
     try:
         return str(int(s)) == s and abs(int(s)) < 2**63
@@ -430,7 +435,7 @@ def scan_file(f: InputFile, cols: Columns) -> FileScan:
             scan.has_text |= text is not _MISSING
             if id_ is not _MISSING and cols.id is not None:
                 scan.has_id = True
-        if reason is None and scan.has_id and id_ is not None and id_ is not _MISSING:
+        if reason is None and scan.has_id and id_ is not None and id_ is not _MISSING and not _empty_id(id_):
             scan.id_kind = _merge_kind(scan.id_kind, _id_kind(id_) or "str")
     return scan
 
@@ -567,6 +572,8 @@ def _accept(
             reason, id_ = f"no id field {cols.id!r}", None
         elif id_ is None:
             reason = "null id"
+        elif _empty_id(id_):
+            reason = "empty id"
         elif plan.id_type == "int64":
             if isinstance(id_, str) and _canonical_int(id_):
                 id_ = int(id_)
@@ -597,12 +604,13 @@ def _read_parquet_slice(f: InputFile, start: int, stop: int, cols: Columns) -> I
     fs, path = resolve(f.uri)
     with fs.open_input_file(path) as handle:
         pf = pq.ParquetFile(handle)
-        groups, first, at = [], None, 0
+        groups: list[int] = []
+        first = at = 0  # first: the row where the first group read starts
         for g in range(pf.metadata.num_row_groups):
             n = pf.metadata.row_group(g).num_rows
             if at < stop and at + n > start:
+                first = first if groups else at
                 groups.append(g)
-                first = at if first is None else first
             at += n
         names = [cols.text] + ([cols.id] if cols.id is not None else [])
         table = pf.read_row_groups(groups, columns=names).slice(start - first, stop - start)

@@ -43,7 +43,8 @@ def build_app(args: dict | None = None) -> Application:
         resources,
         ingress,
     )
-    encoder = KalmEncoder.options(
+    # @serve.deployment turns the classes into Deployments; Ray Serve's typing does not say so
+    encoder = KalmEncoder.options(  # type: ignore[attr-defined]
         ray_actor_options=resources, autoscaling_config=encoder_autoscaling_config(initial, most)
     ).bind(config.model_dump())
-    return EmbeddingsIngress.options(**ingress).bind(encoder, config.model_dump())
+    return EmbeddingsIngress.options(**ingress).bind(encoder, config.model_dump())  # type: ignore[attr-defined]

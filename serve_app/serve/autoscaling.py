@@ -3,7 +3,7 @@
 Serve's default policy scales on ongoing requests per replica: here, chunk calls from the
 ingress, queued or running. For batched work a call is anything from one 10-token query
 to an 8,192-token chunk, so the same count means very different loads. Measured on one CPU
-replica (tiny stand-in, ``max_batch_tokens`` 512; README "Scaling out"): 32 query clients
+replica (tiny stand-in, ``max_batch_tokens`` 512; docs/scaling.md): 32 query clients
 kept 7.2 calls in the replica, 70% busy, holding 0.1 forward passes of work (their latency
 came from the HTTP side, which more encoder replicas don't help); 2 document clients kept
 1.8 calls in it, 90% busy, holding 28 forward passes (p50 277 ms). Serve's default

@@ -1,6 +1,6 @@
 """Prometheus metrics, exported the Ray way (``ray.serve.metrics``) from every node.
 
-Ray prefixes every name with ``ray_``; the README lists each series.
+Ray prefixes every name with ``ray_``; docs/operations.md lists each series.
 """
 
 from __future__ import annotations
