@@ -52,7 +52,17 @@ class ServiceConfig(BaseModel):
     encoder_num_cpus: float | None = Field(
         None,
         description="CPUs each encoder replica reserves on CPU-only clusters (torch uses that many "
-        "threads); default: all CPUs of a node, at most 8. On GPU clusters a replica takes 1 GPU and 1 CPU.",
+        "threads); default: all CPUs of a node, at most 8. On GPU clusters a replica takes "
+        "encoder_num_gpus GPUs and 1 CPU.",
+    )
+    encoder_num_gpus: float = Field(
+        1.0,
+        gt=0,
+        le=1,
+        description="GPUs each encoder replica reserves on GPU clusters. A fraction puts several "
+        "replicas, each with its own copy of the model (~1 GB in bf16) and batching loop, on one "
+        "GPU (0.5: two per GPU), so one's host work overlaps the other's GPU work; unmeasured "
+        "(docs/gpu.md). The service starts with GPUs / encoder_num_gpus replicas (serve_app/placement.py).",
     )
 
     # --- request limits (checked in the ingress, before any model work) ---------------
@@ -101,7 +111,7 @@ class ServiceConfig(BaseModel):
         gt=0,
         description="Token budget of one forward pass; default 512 on CPU (one batch of KaLM "
         "on 2 cores: ~1.2 s in bf16, ~3 s in fp32; texts packed end to end, no padding), 16384 on CUDA "
-        "(padded length x rows).",
+        "(packed too; models other than Qwen2 pad: longest length x rows).",
     )
     max_batch_wait_ms: float = Field(
         2.0,
@@ -112,7 +122,7 @@ class ServiceConfig(BaseModel):
         0.15,
         ge=0,
         le=1,
-        description="A padded batch (CUDA) takes no input "
+        description="A padded batch (models other than Qwen2) takes no input "
         "that would make more than this share of its computed tokens padding.",
     )
     max_chunk_tokens: int = Field(

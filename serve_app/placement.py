@@ -1,13 +1,16 @@
 """Where encoders run on a Ray cluster: the one place replica and actor resources are decided.
 
 The service's encoder replicas and the corpus job's encoder actors follow the same rule:
-one GPU each where the cluster has GPUs, else a share of a node's CPUs (torch then runs
-that many threads, :func:`reserved_cpus`). Imports Ray only inside the functions, and
-never torch.
+GPUs each (``encoder_num_gpus``, 1 by default) where the cluster has GPUs, else a share of a
+node's CPUs (torch then runs that many threads, :func:`reserved_cpus`). On GPU clusters the
+service starts with every GPU in use and reserves CPUs for the ingress's tokenising; see
+:func:`encoder_replica_counts` and :func:`ingress_options`. Imports Ray only inside the
+functions, and never torch.
 """
 
 from __future__ import annotations
 
+import math
 import os
 
 #: CPU-only clusters: an encoder replica takes a node's CPUs, at most this many (torch threads
@@ -16,6 +19,17 @@ MAX_REPLICA_CPUS = 8
 #: CPU-only clusters: the corpus job runs about this many encoder actors per node (each holds a
 #: copy of the model), of 1 to MAX_REPLICA_CPUS threads each.
 CORPUS_ACTORS_PER_NODE = 8
+#: GPU clusters: CPUs of a GPU encoder replica (its batching loop, packing, host-to-device copies).
+GPU_REPLICA_CPUS = 1
+#: Most encoder replicas the service scales to, unless the cluster has more GPUs at deploy time
+#: (the Ray autoscaler adds nodes up to it).
+MAX_ENCODER_REPLICAS = 8
+#: Ingress replicas on CPU-only clusters, and the fewest anywhere: losing a node leaves one.
+MIN_INGRESS_REPLICAS = 2
+#: GPU clusters: CPUs the ingress reserves per GPU for tokenising, JSON and HTTP. An estimate:
+#: tokenizers encodes ~90k tokens/s per core (docs/gpu.md), and one GPU embeds several times
+#: that with KaLM (not measured yet), so a GPU needs several cores of tokenising to stay busy.
+INGRESS_CPUS_PER_GPU = 4
 
 
 def cluster_gpus() -> int:
@@ -38,13 +52,44 @@ def wants_gpu(device: str) -> bool:
     return device == "cuda" or (device == "auto" and cluster_gpus() >= 1)
 
 
-def encoder_replica_resources(device: str, num_cpus: float | None) -> dict:
-    """``ray_actor_options`` of a service encoder replica."""
+def encoder_replica_resources(device: str, num_cpus: float | None, num_gpus: float = 1.0) -> dict:
+    """``ray_actor_options`` of a service encoder replica: ``num_gpus`` GPUs (a fraction puts
+    several replicas on one GPU) on GPU clusters, else ``num_cpus`` (default: a node's, at most 8)."""
     if wants_gpu(device):
-        return {"num_gpus": 1, "num_cpus": 1}
+        return {"num_gpus": num_gpus, "num_cpus": GPU_REPLICA_CPUS}
     if num_cpus is not None:
         return {"num_cpus": num_cpus}
     return {"num_cpus": max(1, min(MAX_REPLICA_CPUS, max(node_cpus(), default=1)))}
+
+
+def encoder_replica_counts(device: str, num_gpus: float = 1.0) -> tuple[int, int]:
+    """Encoder replicas at deploy time and at most: on GPU clusters every GPU there is used at
+    once (GPUs / ``num_gpus`` replicas), instead of waiting for load to scale up one by one."""
+    if not wants_gpu(device):
+        return 1, MAX_ENCODER_REPLICAS
+    fitting = max(1, math.floor(cluster_gpus() / num_gpus + 1e-9))
+    return fitting, max(MAX_ENCODER_REPLICAS, fitting)
+
+
+def ingress_options(device: str, num_gpus: float = 1.0) -> dict:
+    """``num_replicas`` and ``ray_actor_options`` of the ingress deployment.
+
+    CPU-only clusters: two replicas reserving no CPU (the encoders own the cores; tokenising is
+    light next to a CPU model). GPU clusters: one replica per GPU (at least two, each its own
+    event loop) reserving INGRESS_CPUS_PER_GPU CPUs per GPU between them, as far as the cluster's
+    CPUs go once every encoder replica has its own; a cluster too small to give each at least
+    one CPU gets the CPU-only answer.
+    """
+    unreserved = {"num_replicas": MIN_INGRESS_REPLICAS, "ray_actor_options": {"num_cpus": 0}}
+    gpus = cluster_gpus() if wants_gpu(device) else 0
+    if gpus == 0:
+        return unreserved
+    replicas = max(MIN_INGRESS_REPLICAS, gpus)
+    spare = sum(node_cpus()) - encoder_replica_counts(device, num_gpus)[0] * GPU_REPLICA_CPUS
+    per_replica = math.floor(2 * min(INGRESS_CPUS_PER_GPU * gpus, spare) / replicas) / 2  # half CPUs
+    if per_replica < 1:
+        return unreserved
+    return {"num_replicas": replicas, "ray_actor_options": {"num_cpus": per_replica}}
 
 
 def corpus_actor_resources(

@@ -15,6 +15,9 @@ import pytest
 import ray
 import yaml
 
+from serve_app import placement
+from serve_app.serve.autoscaling import encoder_autoscaling_config
+
 ROOT = Path(__file__).resolve().parents[1]
 CLUSTER = ROOT / "cluster"
 
@@ -41,15 +44,19 @@ def test_serve_config_scales_out_and_still_starts_one_replica_on_a_laptop():
     assert config["http_options"]["host"] == "127.0.0.1" and config["http_options"]["port"] == 8000
     assert config["applications"][0]["args"]["request_timeout_s"] > 0  # nothing hangs forever
     ingress, encoder = deployment(config, "EmbeddingsIngress"), deployment(config, "KalmEncoder")
-    assert ingress["ray_actor_options"]["num_cpus"] == 0 and ingress["num_replicas"] >= 2
-    assert "num_replicas" not in encoder
-    autoscaling = AutoscalingConfig(**encoder["autoscaling_config"])
+    # replica counts and resources are left to serve_app.placement, which sees the cluster
+    assert not {"num_replicas", "ray_actor_options"} & set(ingress)
+    assert not {"num_replicas", "ray_actor_options", "autoscaling_config"} & set(encoder)
+    # what it decides on a laptop (no Ray running: no GPU)
+    ingress_options = placement.ingress_options("auto")
+    assert ingress_options == {"num_replicas": 2, "ray_actor_options": {"num_cpus": 0}}
+    autoscaling = AutoscalingConfig(**encoder_autoscaling_config(*placement.encoder_replica_counts("auto")))
     assert autoscaling.min_replicas == autoscaling.initial_replicas == 1 < autoscaling.max_replicas
     # bounded queues everywhere: at the proxies (for the ingress) and at the ingress (for the encoders)
     assert 0 < ingress["max_queued_requests"] and 0 < encoder["max_queued_requests"]
     # the ingress never caps the encoders' scaling signal
     assert (
-        ingress["num_replicas"] * ingress["max_ongoing_requests"]
+        ingress_options["num_replicas"] * ingress["max_ongoing_requests"]
         >= autoscaling.target_ongoing_requests * autoscaling.max_replicas
     )
     policy = _resolve_policy_callable(autoscaling.policy)
@@ -82,8 +89,7 @@ def test_kuberay_manifest_has_a_gpu_group_sized_for_the_encoder():
     (gpu,) = cluster["workerGroupSpecs"]
     container = gpu["template"]["spec"]["containers"][0]
     assert container["resources"]["limits"]["nvidia.com/gpu"] == "1"
-    encoder = deployment(yaml.safe_load(manifest["spec"]["serveConfigV2"]), "KalmEncoder")
-    assert 1 <= gpu["minReplicas"] and gpu["maxReplicas"] == encoder["autoscaling_config"]["max_replicas"]
+    assert 1 <= gpu["minReplicas"] and gpu["maxReplicas"] == placement.MAX_ENCODER_REPLICAS
     for pod in (cluster["headGroupSpec"]["template"], gpu["template"]):
         env = {e["name"] for e in pod["spec"]["containers"][0]["env"]}
         assert {"KALM_MODEL", "KALM_API_KEYS"} <= env
@@ -102,8 +108,7 @@ def test_aws_launcher_config_passes_rays_own_validation():
     head, gpu = nodes[config["head_node_type"]], nodes["gpu_worker"]
     assert not head["node_config"]["InstanceType"].startswith(("g", "p"))  # a CPU head
     assert gpu["node_config"]["InstanceType"].startswith(("g", "p")) and gpu["min_workers"] >= 1
-    encoder = deployment(load("config.yaml"), "KalmEncoder")
-    assert gpu["max_workers"] == config["max_workers"] == encoder["autoscaling_config"]["max_replicas"]
+    assert gpu["max_workers"] == config["max_workers"] == placement.MAX_ENCODER_REPLICAS
     setup = "\n".join(config["setup_commands"])
     assert "torch==" in setup and "pip install -q -e ~/kalm-serve" in setup
     assert config["file_mounts"]["~/kalm-serve"] == "."

@@ -16,8 +16,8 @@ from serve_app.core.checkpoint import KALM_QUERY_INSTRUCTION
 from serve_app.core.device import parse_dtype
 from serve_app.core.vectors import truncate_dimensions
 from serve_app.errors import InputTooLongError, InvalidRequestError, MissingWeightsError, ModelLoadError
+from serve_app.testing.reference import ReferenceQwen2, reference_token_ids
 from serve_app.testing.standin import build_qwen2_tokenizer
-from tests.reference import ReferenceQwen2, reference_token_ids
 
 TEXTS = [
     "What is the capital of France?",

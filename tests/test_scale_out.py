@@ -26,10 +26,9 @@ import httpx
 import numpy as np
 import orjson
 import pytest
-import yaml
 
-from serve_app.serve.autoscaling import TokenBacklogPolicy, replicas_that_fit
-from tests.service_harness import CONFIG, ServeProcess, environ, free_port, local_cluster
+from serve_app.serve.autoscaling import TokenBacklogPolicy, encoder_autoscaling_config, replicas_that_fit
+from tests.service_harness import ServeProcess, environ, free_port, local_cluster
 from tests.test_service import assert_openai_error
 
 WORKERS = 3
@@ -138,10 +137,8 @@ def cluster(tiny_model_dir):
 
 
 def encoder_autoscaling(**changes) -> dict:
-    """The YAML's encoder autoscaling_config with test-sized changes (a deployment override replaces it whole)."""
-    config = yaml.safe_load(CONFIG.read_text())
-    encoder = next(d for d in config["applications"][0]["deployments"] if d["name"] == "KalmEncoder")
-    autoscaling = encoder["autoscaling_config"]
+    """The service's encoder autoscaling_config with test-sized changes (a deployment override replaces it whole)."""
+    autoscaling = encoder_autoscaling_config()
     kwargs = changes.pop("policy_kwargs", None)
     autoscaling.update(changes)
     if kwargs:

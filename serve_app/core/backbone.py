@@ -27,6 +27,7 @@ from torch import nn
 
 from ..errors import MissingWeightsError, ModelLoadError
 from .checkpoint import ModelFiles
+from .packed_attention import PackedSpans, packed_attention
 
 log = logging.getLogger(__name__)
 
@@ -44,6 +45,9 @@ def span_attention(module, query, key, value, attention_mask, spans=None, **kwar
 
     if spans is None:
         return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
+    if isinstance(spans, PackedSpans):  # CUDA: the whole row in one kernel call
+        q, k, v = (t[0].transpose(0, 1) for t in (query, key, value))  # [1, heads, tokens, dim] -> [tokens, heads, dim]
+        return packed_attention(q, k, v, spans, kwargs.get("scaling")).unsqueeze(0), None
     outputs = [
         sdpa_attention_forward(module, query[:, :, a:b], key[:, :, a:b], value[:, :, a:b], None, **kwargs)[0]
         for a, b in spans

@@ -58,3 +58,11 @@ def parse_dtype(dtype: str | torch.dtype | None, device: torch.device) -> torch.
     if dtype not in names:
         raise ValueError(f"unknown dtype {dtype!r}; use one of {sorted(names)}")
     return names[dtype]
+
+
+def to_device(tensor: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """A host tensor on ``device``. To a GPU through pinned memory, asynchronously: the copy
+    overlaps the GPU's work and the host goes on (a copy from pageable memory waits for it)."""
+    if device.type != "cuda":
+        return tensor.to(device)
+    return tensor.pin_memory().to(device, non_blocking=True)

@@ -23,7 +23,8 @@ from ..batching.layout import pack_batch, pad_batch, unpack_hidden
 from ..batching.planning import BatchStats, plan_batches
 from .backbone import BidirectionalQwen2, LayerState, load_backbone
 from .checkpoint import ModelFiles, read_model_files
-from .device import dtype_name, parse_dtype, resolve_device
+from .device import dtype_name, parse_dtype, resolve_device, to_device
+from .packed_attention import PackedSpans, packed_kernel
 from .pooling import pool
 from .tokenization import TextTokenizer
 from .vectors import check_dimensions, l2_normalize, truncate_dimensions
@@ -53,9 +54,10 @@ class Encoder:
         self.dtype = dtype
         self.max_batch_tokens = max_batch_tokens or DEFAULT_MAX_BATCH_TOKENS[device.type]
         self.dimensions = files.hidden_size
-        # Packed batches (no padding) on CPU, where attention text by text costs nothing
-        # extra; on CUDA, padded ones keep SDPA's fused kernels on one launch per layer.
-        self.packed = isinstance(model, BidirectionalQwen2) and device.type == "cpu"
+        # Packed batches (no padding): on CPU attention runs text by text, which costs nothing
+        # extra; on CUDA one variable-length kernel takes the whole row (core.packed_attention).
+        self.packed_kernel = packed_kernel(device, dtype) if isinstance(model, BidirectionalQwen2) else None
+        self.packed = isinstance(model, BidirectionalQwen2) and (device.type == "cpu" or self.packed_kernel is not None)
 
     @classmethod
     def from_pretrained(
@@ -159,13 +161,15 @@ class BatchRun:
         self.inputs: dict[str, Any]  # the backbone's keyword arguments: tensors, and spans when packed
         if encoder.packed:
             input_ids, spans = pack_batch(token_ids)
-            self.inputs = {"input_ids": input_ids.to(encoder.device), "spans": spans}
+            kernel = encoder.packed_kernel  # CUDA: the spans with what the packed kernel needs, on the device
+            packing = spans if kernel is None else PackedSpans(spans, encoder.device, kernel)
+            self.inputs = {"input_ids": to_device(input_ids, encoder.device), "spans": packing}
             self.computed_tokens = self.tokens
         else:
             input_ids, attention_mask = pad_batch(token_ids, encoder.tokenizer.pad_token_id)
             self.inputs = {
-                "input_ids": input_ids.to(encoder.device, non_blocking=True),
-                "attention_mask": attention_mask.to(encoder.device, non_blocking=True),
+                "input_ids": to_device(input_ids, encoder.device),
+                "attention_mask": to_device(attention_mask, encoder.device),
             }
             self.computed_tokens = input_ids.numel()
         self.compute_s = 0.0

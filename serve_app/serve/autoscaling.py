@@ -48,10 +48,29 @@ REPLICA_RESOURCE_METRICS = {"replica_cpus": "CPU", "replica_gpus": "GPU"}
 NODES_REFRESH_S = 10.0
 
 
+def encoder_autoscaling_config(initial_replicas: int = 1, max_replicas: int = 8) -> dict:
+    """The encoder deployment's ``autoscaling_config`` (Serve's options), which ``serve.app.build_app``
+    sets with replica counts from ``serve_app.placement``. An ``autoscaling_config`` under
+    ``KalmEncoder`` in the Serve YAML replaces it whole."""
+    return {
+        "min_replicas": 1,  # always one warm replica (a laptop runs exactly this one)
+        "initial_replicas": initial_replicas,  # at deploy time: every GPU of the cluster, or 1
+        "max_replicas": max_replicas,  # the Ray autoscaler adds nodes to fit them
+        "target_ongoing_requests": 128,  # per replica, queued + running calls (Serve's signal; here: concurrency slots)
+        "upscale_delay_s": 30,  # demand must stay above the current count this long before adding replicas
+        "downscale_delay_s": 300,  # ... and below it this long before removing replicas (GPU replicas are slow to start)
+        "look_back_period_s": 30,  # metrics are averaged over this window (Serve's default)
+        "policy": {  # scale on queued tokens as well as calls
+            "policy_function": "serve_app.serve.autoscaling:TokenBacklogPolicy",
+            "policy_kwargs": {"target_batches_per_replica": 4},  # tokens held per replica, in forward passes
+        },
+    }
+
+
 class TokenBacklogPolicy:
     """Serve autoscaling policy for the encoder deployment (see the module docstring).
 
-    In the Serve config::
+    Set by :func:`encoder_autoscaling_config`; in a Serve YAML that overrides it::
 
         autoscaling_config:
           target_ongoing_requests: 128

@@ -2,7 +2,8 @@
 
 Plain torch math of Qwen2 with *no* causal mask, one text at a time, reading the
 safetensors file directly and tokenising with tiktoken on ``qwen.tiktoken``. It
-shares no code with ``serve_app`` beyond the stand-in files it reads.
+imports nothing from the rest of ``serve_app``: it only reads the files a model
+directory holds. The tests and ``scripts/gpu_check.py`` use this one copy.
 """
 
 from __future__ import annotations
