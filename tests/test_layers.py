@@ -18,6 +18,7 @@ LIGHT_MODULES = {
     "serve_app.serve.ingress": ("torch", "transformers"),
     "serve_app.serve.autoscaling": ("torch", "transformers"),
     "serve_app.serve.metrics": ("torch", "transformers"),
+    "serve_app.serve.proxy_fences": ("torch", "ray", "transformers"),
     "serve_app.api.protocol": ("torch", "ray", "transformers"),
     "serve_app.api.http_errors": ("torch", "ray", "transformers"),
     "serve_app.api.token_ids": ("torch", "ray", "transformers"),
