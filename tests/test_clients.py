@@ -30,8 +30,14 @@ QUERY = "what scales model serving?"
 CL100K_URL = "https://openaipublic.blob.core.windows.net/encodings/cl100k_base.tiktoken"
 #: LangChain's OpenAIEmbeddings cuts texts into chunks of this many cl100k tokens (embedding_ctx_length).
 LANGCHAIN_CHUNK_TOKENS = 8191
-#: About 11,000 cl100k tokens: LangChain sends it as two chunks.
-LONG_TEXT = " ".join(f"Sentence {i} says that Ray Serve scales model serving on many nodes." for i in range(800))
+#: 11,500 cl100k tokens: LangChain sends it as two chunks, 8191 tokens of English and a second one
+#: that is mostly Chinese, so the chunks' vectors differ (cosine 0.63 on the tiny stand-in) and their
+#: weighted average differs from the vector of the whole text (0.995).
+LONG_TEXT = (
+    " ".join(f"Sentence {i} says that Ray Serve scales model serving on many nodes." for i in range(590))
+    + " "
+    + "".join(f"第{i}句：东京是日本的首都，猫在沙发上睡觉。" for i in range(120))
+)
 
 
 @pytest.fixture(scope="module")
@@ -125,6 +131,7 @@ def test_langchain_on_its_defaults_sends_cl100k_ids_and_gets_the_texts_vectors(
     )
     whole = cosines(long_vector, tiny_encoder.encode([LONG_TEXT]))[0]
     print(f"  (for comparison: that average against the whole text embedded in one piece: cosine {whole:.6f})")
+    assert whole < 0.9999  # so the comparison above does tell LangChain's chunk average apart
 
 
 def test_langchain_without_the_context_length_check_sends_text(service, model_id, tiny_encoder):
