@@ -20,10 +20,11 @@ import torch
 
 from ..batching.layout import pack_batch, pad_batch, unpack_hidden
 from ..batching.planning import BatchStats, plan_batches
-from .backbone import BidirectionalQwen2, load_backbone
+from .backbone import load_backbone
 from .checkpoint import ModelFiles, read_model_files
 from .device import dtype_name, parse_dtype, resolve_device
 from .pooling import pool
+from .qwen2 import BidirectionalQwen2
 from .tokenization import TextTokenizer
 from .vectors import l2_normalize, truncate_dimensions
 
