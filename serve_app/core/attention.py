@@ -5,8 +5,8 @@ Two layouts (``batching.layout`` builds them):
 * :class:`PackedLayout` (CPU): every text end to end in one row, no padding. Each text
   attends to its own tokens only, through one fused SDPA call per text: Σ (text length)²
   work, where one block-diagonal masked call over the row would cost (row length)².
-  Measured on a 2-core AVX2 CPU (docs/measurements/2026-11-30-engine-cpu.md), the loop
-  costs under 1 % of a forward pass, so a varlen kernel would gain nothing there.
+  Measured on a 2-core AVX2 CPU (docs/measurements/2026-11-30-engine-cpu.md), all of
+  attention is ~3 % of a forward pass on 256-token texts, so a varlen kernel would gain little there.
 * :class:`PaddedLayout` (CUDA today): right-padded rows, SDPA with a key-padding mask.
   A CUDA varlen kernel (packed rows on the GPU) slots in as another layout here.
 

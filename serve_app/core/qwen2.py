@@ -160,8 +160,9 @@ class BidirectionalQwen2(nn.Module):
             layout = PackedLayout(spans)
             positions = torch.cat([torch.arange(b - a) for a, b in spans])
         else:
-            padded = attention_mask is not None and not bool(attention_mask.all())
-            layout = PaddedLayout(rows, length, attention_mask.bool() if padded else None)
+            # No mask when nothing is padded: SDPA then runs its fused kernel unmasked.
+            key_mask = None if attention_mask is None or bool(attention_mask.all()) else attention_mask.bool()
+            layout = PaddedLayout(rows, length, key_mask)
             # Right padding: every text's positions start at 0, whatever batch it is in.
             positions = torch.arange(length).repeat(rows)
         return LayerState(hidden, layout, self.rotary(positions), (rows, length))
