@@ -3,6 +3,10 @@
     python loadtest/benchmark.py --model /tmp/kalm-full [--url http://127.0.0.1:8000] \\
         [--concurrency 1,4,16] [--scale 1.0] [--json results.json] [--scenario throughput|priority|all]
 
+    # side by side with any OpenAI-compatible server (e.g. vLLM), one command per server:
+    python loadtest/benchmark.py --model /tmp/kalm-full --url http://127.0.0.1:8111 --plain-openai \\
+        --served-only --workload side-by-side --concurrency 8 --passes 2
+
 One deterministic, seeded workload (short multilingual queries with an instruction,
 passages of 100-400 tokens, a few documents of 2-4k tokens) runs
 
@@ -16,6 +20,12 @@ rows and tokens and padding fraction (served: from the encoder replica's counter
 in the same run, a lone short query's latency both ways, and — scenario ``priority`` —
 query and passage latencies under saturating bulk load with priority scheduling on and
 off. Numbers, not pass/fail: targets are judged by the reader.
+
+Tokens are counted here, with the model's tokenizer, for every target alike (never from a
+server's ``usage``). ``--plain-openai`` sends only OpenAI's own fields, with a query's
+instruction written into its text as the model's prompt format has it, so any
+OpenAI-compatible server computes the same inputs; ``--served-only`` skips the
+in-process runs (and loads no model here, only its tokenizer).
 """
 
 from __future__ import annotations
@@ -49,6 +59,20 @@ class Request:
 def text_of(rng: random.Random, lo: int, hi: int, question: bool = False) -> str:
     """About lo..hi Qwen2 tokens in a random language (the load test's seeded text generator)."""
     return make_text(rng, pick_language(rng), rng.randint(lo, hi), question=question)
+
+
+def make_side_by_side_workload(queries: int = 60, passage_requests: int = 15, seed: int = 0) -> list[Request]:
+    """Issue 13's workload: ``queries`` single queries (with instruction) and ``passage_requests``
+    requests of 4 passages of 100-400 tokens, in a seeded random order."""
+    rng = random.Random(seed)
+    kinds = ["query"] * queries + ["passages"] * passage_requests
+    rng.shuffle(kinds)
+    return [
+        Request("query", (text_of(rng, 5, 30, question=True),), KALM_QUERY_INSTRUCTION)
+        if kind == "query"
+        else Request("passages", tuple(text_of(rng, 100, 400) for _ in range(4)))
+        for kind in kinds
+    ]
 
 
 def make_workload(n_requests: int, seed: int = 0) -> list[Request]:
@@ -182,18 +206,37 @@ def batch_summary(batches: float, rows: float, tokens: float, padded: float) -> 
 
 
 class Served:
-    """Any OpenAI-compatible /v1/embeddings endpoint."""
+    """Any OpenAI-compatible /v1/embeddings endpoint.
 
-    def __init__(self, url: str, model: str | None, api_key: str | None, ray_address: str | None):
+    ``plain_openai``: only OpenAI's fields; a query's instruction goes into its text
+    (``tokenizer.prompt_for``), which is how the service itself formats it. ``call``
+    returns the request's tokens as ``tokenizer`` counts them, whatever the server says.
+    """
+
+    def __init__(
+        self,
+        url: str,
+        model: str | None,
+        api_key: str | None,
+        ray_address: str | None,
+        tokenizer,
+        plain_openai: bool = False,
+        transport=None,
+    ):
         import httpx
 
         self.url = url.rstrip("/")
         headers = {"authorization": f"Bearer {api_key}"} if api_key else {}
         self.client = httpx.AsyncClient(
-            timeout=600, headers=headers, limits=httpx.Limits(max_connections=256, max_keepalive_connections=256)
+            timeout=600,
+            headers=headers,
+            limits=httpx.Limits(max_connections=256, max_keepalive_connections=256),
+            transport=transport,
         )
         self.model = model
         self.ray_address = ray_address
+        self.tokenizer = tokenizer
+        self.plain_openai = plain_openai
 
     async def resolve_model(self) -> str:
         if not self.model:
@@ -202,15 +245,20 @@ class Served:
         return self.model
 
     async def call(self, req: Request, priority: str | None = None) -> int:
-        body = {"model": self.model, "input": list(req.texts), "encoding_format": "base64"}
-        if req.instruction:
-            body["instruction"] = req.instruction
-        if priority:
-            body["priority"] = priority
+        body: dict = {"model": self.model, "input": list(req.texts), "encoding_format": "base64"}
+        if self.plain_openai:
+            body["input"] = [self.tokenizer.prompt_for(req.instruction) + text for text in req.texts]
+        else:
+            if req.instruction:
+                body["instruction"] = req.instruction
+            if priority:
+                body["priority"] = priority
         resp = await self.client.post(self.url + "/v1/embeddings", json=body)
         if resp.status_code != 200:
             raise RuntimeError(f"{resp.status_code}: {resp.text[:300]}")
-        return resp.json()["usage"]["total_tokens"]
+        if len(resp.json()["data"]) != len(req.texts):
+            raise RuntimeError(f"{len(req.texts)} inputs sent, {len(resp.json()['data'])} embeddings received")
+        return count_tokens(self.tokenizer, req)
 
     async def batch_counters(self) -> dict | None:
         """Scheduler counters of the (first) encoder replica, when this process can reach the Ray cluster."""
@@ -228,6 +276,11 @@ class Served:
         if before is None or after is None:
             return None
         return batch_summary(*(after[k] - before[k] for k in ("batches", "rows", "tokens", "padded_tokens")))
+
+
+def count_tokens(tokenizer, req: Request) -> int:
+    """The request's tokens as the model's tokenizer makes them (prompt and special tokens included)."""
+    return sum(len(t.ids) for t in tokenizer.encode_texts(list(req.texts), tokenizer.prompt_for(req.instruction), True))
 
 
 # --- the pieces of a run -----------------------------------------------------------------
@@ -342,90 +395,98 @@ async def main(args) -> dict:
 
     from serve_app import Encoder
     from serve_app.config import ServiceConfig
+    from serve_app.core.tokenization import TextTokenizer
 
     torch.set_num_threads(args.threads or torch.get_num_threads())
-    encoder = Encoder.from_pretrained(
-        args.model, device=args.device, dtype=args.dtype, max_batch_tokens=args.max_batch_tokens
-    )
-    n_requests = max(8, int(40 * args.scale))
-    workload = make_workload(n_requests, seed=args.seed)
-    total_tokens = sum(
-        len(t.ids)
-        for r in workload
-        for t in encoder.tokenizer.encode_texts(
-            list(r.texts), encoder.tokenizer.prompt_for(r.instruction), truncate=True
+    if args.served_only:
+        encoder, tokenizer = None, TextTokenizer.from_dir(args.model)
+    else:
+        encoder = Encoder.from_pretrained(
+            args.model, device=args.device, dtype=args.dtype, max_batch_tokens=args.max_batch_tokens
         )
-    )
+        tokenizer = encoder.tokenizer
+    if args.workload == "side-by-side":
+        workload = make_side_by_side_workload(seed=args.seed)
+    else:
+        workload = make_workload(max(8, int(40 * args.scale)), seed=args.seed)
     report: dict = {
-        "model": str(encoder.files.path),
-        "standin": encoder.files.is_standin,
-        "device": str(encoder.device),
-        "dtype": str(encoder.dtype),
-        "torch_threads": torch.get_num_threads(),
-        "max_batch_tokens": encoder.max_batch_tokens,
+        "model": args.model,
+        "url": args.url,
+        "plain_openai": args.plain_openai,
         "workload": {
+            "name": args.workload,
             "requests": len(workload),
-            "tokens": total_tokens,
+            "tokens": sum(count_tokens(tokenizer, r) for r in workload),
             "kinds": {k: sum(r.kind == k for r in workload) for k in ("query", "passages", "long")},
         },
     }
+    if encoder:
+        report["in_process"] = {
+            "standin": encoder.files.is_standin,
+            "device": str(encoder.device),
+            "dtype": str(encoder.dtype),
+            "torch_threads": torch.get_num_threads(),
+            "max_batch_tokens": encoder.max_batch_tokens,
+        }
     print(json.dumps(report, indent=1), flush=True)
     # the service's scheduling defaults, but for what the command line sets
     config = ServiceConfig(
         max_batch_wait_ms=args.max_batch_wait_ms, interactive_batch_tokens=args.interactive_batch_tokens
     )
-    in_process = InProcess(encoder, config)
-    served = Served(args.url, args.served_model, args.api_key, args.ray_address) if args.url else None
-    if served:
+    in_process = InProcess(encoder, config) if encoder else None
+    served = None
+    if args.url:
+        served = Served(args.url, args.served_model, args.api_key, args.ray_address, tokenizer, args.plain_openai)
         await served.resolve_model()
     concurrencies = [int(c) for c in args.concurrency.split(",")]
 
     if args.scenario in ("throughput", "all"):
         report["matmul_gflops"] = round(matmul_gflops(), 1)
-        rng = random.Random(args.seed + 1)
-        passages = [text_of(rng, 100, 400) for _ in range(max(8, int(16 * args.scale)))]
-        report["core"] = core_efficiency(encoder, passages, report["matmul_gflops"])
-        print("core:", json.dumps(report["core"]), flush=True)
         lone = next(r for r in workload if r.kind == "query")
-        report["lone_query"] = {"in_process": await lone_query(in_process.call, lone, 20)}
+        report["lone_query"] = {}
+        if in_process:
+            rng = random.Random(args.seed + 1)
+            passages = [text_of(rng, 100, 400) for _ in range(max(8, int(16 * args.scale)))]
+            report["core"] = core_efficiency(encoder, passages, report["matmul_gflops"])
+            print("core:", json.dumps(report["core"]), flush=True)
+            report["lone_query"]["in_process"] = await lone_query(in_process.call, lone, 20)
         if served:
             report["lone_query"]["served"] = await lone_query(served.call, lone, 20)
         print("lone query:", json.dumps(report["lone_query"]), flush=True)
         report["runs"] = []
         for c in concurrencies:
-            before = in_process.snapshot()
-            lat, tokens, wall = await drive(workload, c, in_process.call)
-            run = RunResult("in_process", c, len(workload), tokens, wall, lat, in_process.batch_stats_since(before))
-            report["runs"].append(run.summary())
-            print(json.dumps(run.summary()), flush=True)
-            if served:
-                before_m = await served.batch_counters()
-                lat, tokens, wall = await drive(workload, c, served.call)
-                run = RunResult(
-                    "served",
-                    c,
-                    len(workload),
-                    tokens,
-                    wall,
-                    lat,
-                    Served.batch_stats_between(before_m, await served.batch_counters()),
-                )
-                report["runs"].append(run.summary())
-                print(json.dumps(run.summary()), flush=True)
+            for _ in range(args.passes):
+                if in_process:
+                    before = in_process.snapshot()
+                    lat, tokens, wall = await drive(workload, c, in_process.call)
+                    batches = in_process.batch_stats_since(before)
+                    report["runs"].append(
+                        RunResult("in_process", c, len(workload), tokens, wall, lat, batches).summary()
+                    )
+                    print(json.dumps(report["runs"][-1]), flush=True)
+                if served:
+                    before_m = await served.batch_counters()
+                    lat, tokens, wall = await drive(workload, c, served.call)
+                    batches = Served.batch_stats_between(before_m, await served.batch_counters())
+                    report["runs"].append(RunResult("served", c, len(workload), tokens, wall, lat, batches).summary())
+                    print(json.dumps(report["runs"][-1]), flush=True)
         top = max(concurrencies)
         by = {r["name"]: r for r in report["runs"] if r["concurrency"] == top}
-        if "served" in by:
+        if "served" in by and "in_process" in by:
             report["served_over_in_process_at_saturation"] = round(
                 by["served"]["tokens_per_s"] / by["in_process"]["tokens_per_s"], 3
             )
 
     if args.scenario in ("priority", "all"):
         report["priority"] = []
-        targets = [("in_process", in_process.call)] + ([("served", served.call)] if served else [])
+        targets = [("in_process", in_process.call)] if in_process else []
+        if served and not args.plain_openai:  # priorities are this service's extension
+            targets.append(("served", served.call))
         for name, call in targets:
             for on in (True, False):
-                before, in_process.results = in_process.snapshot(), []
-                preemptions = in_process.batcher.stats.preemptions
+                if in_process:
+                    before, in_process.results = in_process.snapshot(), []
+                    preemptions = in_process.batcher.stats.preemptions
                 result = await priority_scenario(
                     call, workload, args.bulk_clients, args.query_interval_s, args.priority_duration_s, prioritise=on
                 )
@@ -438,9 +499,11 @@ async def main(args) -> dict:
                     result["query_inference"] = percentiles([r.inference_s for r in queries])
                 report["priority"].append(result)
                 print(json.dumps(result), flush=True)
-        report["longest_queue_wait_in_process_s"] = round(in_process.batcher.stats.longest_queue_s, 2)
+        if in_process:
+            report["longest_queue_wait_in_process_s"] = round(in_process.batcher.stats.longest_queue_s, 2)
 
-    in_process.batcher.close()
+    if in_process:
+        in_process.batcher.close()
     return report
 
 
@@ -454,8 +517,21 @@ def parse_args(argv=None):
         "--ray-address",
         help="Ray cluster of the service (e.g. auto): served batch statistics are read from its KalmEncoder replica",
     )
+    p.add_argument(
+        "--plain-openai",
+        action="store_true",
+        help="send only OpenAI's fields (instructions written into the query text): for any OpenAI-compatible server",
+    )
+    p.add_argument("--served-only", action="store_true", help="benchmark --url only: no model loaded in this process")
     p.add_argument("--concurrency", default="1,4,16")
-    p.add_argument("--scale", type=float, default=1.0, help="workload size (1.0 = 40 requests)")
+    p.add_argument("--passes", type=int, default=1, help="runs of the workload per concurrency and target")
+    p.add_argument(
+        "--workload",
+        choices=["mixed", "side-by-side"],
+        default="mixed",
+        help="mixed: queries, 1-4 passages, a few 2-4k documents (--scale); side-by-side: 60 queries + 15 x 4 passages",
+    )
+    p.add_argument("--scale", type=float, default=1.0, help="mixed workload size (1.0 = 40 requests)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device")
     p.add_argument("--dtype", default="auto", help="in-process dtype (default: the service's auto)")
@@ -477,6 +553,8 @@ def parse_args(argv=None):
 
 if __name__ == "__main__":
     args = parse_args()
+    if args.served_only and not args.url:
+        sys.exit("--served-only needs --url")
     report = asyncio.run(main(args))
     if args.json:
         Path(args.json).write_text(json.dumps(report, indent=1))

@@ -21,11 +21,12 @@ import torch
 
 from ..batching.layout import pack_batch, pad_batch, unpack_hidden
 from ..batching.planning import BatchStats, plan_batches
-from .backbone import BidirectionalQwen2, LayerState, load_backbone
+from .backbone import load_backbone
 from .checkpoint import ModelFiles, read_model_files
 from .device import dtype_name, parse_dtype, resolve_device, to_device
 from .packed_attention import PackedSpans, packed_kernel
 from .pooling import pool
+from .qwen2 import BidirectionalQwen2, LayerState
 from .tokenization import TextTokenizer
 from .vectors import check_dimensions, l2_normalize, truncate_dimensions
 
