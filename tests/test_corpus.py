@@ -542,7 +542,7 @@ def test_resume_after_kill_does_only_what_is_missing(cluster, tiny_model_dir, tm
     cmd = command(cluster, tiny_model_dir, tmp_path / "in.txt", out, "--rows-per-part", str(per_part))
     with open(tmp_path / "first.log", "wb") as log:
         proc = subprocess.Popen(cmd, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-        deadline = time.monotonic() + 180
+        deadline = time.monotonic() + 600  # generous: a loaded machine starts Ray and the actors slowly
         while len(done_parts(str(out))) < 4 and proc.poll() is None and time.monotonic() < deadline:
             time.sleep(0.05)
         os.killpg(proc.pid, signal.SIGKILL)
@@ -552,7 +552,7 @@ def test_resume_after_kill_does_only_what_is_missing(cluster, tiny_model_dir, tm
     before = {p.name: (p.stat().st_ino, p.stat().st_mtime_ns) for p in out.glob("part-*.parquet")}
     assert 4 <= len(before) < n // per_part, "the kill should land mid-job"
 
-    second = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)  # the same arguments
+    second = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=900)  # the same arguments
     assert second.returncode == 0, second.stdout[-3000:] + second.stderr[-5000:]
     assert "corpus job complete" in second.stdout
     assert all(STATUS_LINE.match(line) for line in second.stderr.splitlines()), second.stderr[-5000:]
