@@ -22,6 +22,7 @@ from serve_app.api.protocol import max_chars_per_token
 from serve_app.errors import OverloadedError
 from serve_app.serve import ingress
 from tests.http_fakes import FakeEncoder, call_asgi, client_for, fake_vector, make_service
+from tests.test_service import assert_openai_error
 
 pytestmark = pytest.mark.http
 
@@ -51,17 +52,7 @@ async def post(svc, body, headers=None, raw: bytes | None = None, path="/v1/embe
 
 
 def error_of(resp, status: int, type_: str = "invalid_request_error", code=None, param=None, says=None) -> dict:
-    assert resp.status_code == status, resp.text
-    err = resp.json()["error"]
-    assert set(err) == {"message", "type", "param", "code"}
-    assert err["type"] == type_
-    if code is not None:
-        assert err["code"] == code
-    if param is not None:
-        assert err["param"] == param
-    if says is not None:
-        assert says in err["message"], err["message"]
-    return err
+    return assert_openai_error(resp, status, type_, code, param, says)
 
 
 def model_id(model_dir) -> str:
