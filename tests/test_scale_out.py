@@ -90,10 +90,11 @@ def test_policy_on_one_node_asks_for_no_more_replicas_than_fit_and_says_so_once(
 
     from ray.serve.config import AutoscalingConfig
 
-    from serve_app.serve import autoscaling
-
     said: list[str] = []
-    monkeypatch.setattr(autoscaling, "log", SimpleNamespace(info=lambda msg, *args: said.append(msg % args)))
+    # the module the policy's code really runs in (an earlier test may have imported a second copy)
+    monkeypatch.setitem(
+        TokenBacklogPolicy.__call__.__globals__, "log", SimpleNamespace(info=lambda msg, *args: said.append(msg % args))
+    )
     ctx = SimpleNamespace(
         deployment_name="KalmEncoder",
         current_num_replicas=1,
@@ -345,9 +346,10 @@ def test_overload_burst_gets_fast_503_and_admitted_requests_succeed(cluster, tin
         f"{len(burst) - len(refused)} admitted; long requests: {len(work_s)} admitted, all 200, in "
         f"{work_s[0]:.1f}-{work_s[-1]:.1f} s, {len(work) - len(work_s)} refused"
     )
-    # Refusals don't wait for the work ahead of them: quick in the ingress, and on the client side
-    # quicker than the queued work (on a loaded 2-core machine the client and proxy add the most).
-    assert statistics.median(in_ingress) < 500 and statistics.median(refused_s) < work_s[-1]
+    # Refusals don't wait for the work ahead of them: in the ingress quicker than the quickest admitted
+    # long request, and on the client side quicker than the queued work (no wall-clock bound: on a
+    # loaded 2-core machine the client and proxy add the most).
+    assert statistics.median(in_ingress) < work_s[0] * 1e3 and statistics.median(refused_s) < work_s[-1]
 
 
 # --- placement, routing share, and losing a replica and a node ---------------------------------
