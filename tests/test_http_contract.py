@@ -15,6 +15,7 @@ import time
 import numpy as np
 import orjson
 import pytest
+from ray.exceptions import TaskCancelledError
 from ray.serve.exceptions import BackPressureError
 
 from serve_app.api import protocol
@@ -247,12 +248,18 @@ def test_slow_upload_gets_408(model_dir):
     assert svc.metrics.requests == [("/v1/embeddings", 408)]
 
 
-def test_disconnect_mid_upload_is_counted_as_cancelled_without_error_log(model_dir, caplog):
+# How a vanished client reaches the ingress: Starlette's disconnect message, or (behind Serve's
+# proxy) the proxy cancelling the call that streams the body to the replica.
+@pytest.mark.parametrize("gone", [{"type": "http.disconnect"}, TaskCancelledError()], ids=["asgi", "serve-proxy"])
+def test_disconnect_mid_upload_is_counted_as_cancelled_without_error_log(model_dir, caplog, gone):
     svc = service(model_dir)
-    messages = iter([{"type": "http.request", "body": b'{"model": ', "more_body": True}, {"type": "http.disconnect"}])
+    messages = iter([{"type": "http.request", "body": b'{"model": ', "more_body": True}, gone])
 
     async def receive():
-        return next(messages)
+        message = next(messages)
+        if isinstance(message, Exception):
+            raise message
+        return message
 
     with caplog.at_level(logging.INFO, logger="ray.serve"):
         run(call_asgi(svc, "POST", "/v1/embeddings", {}, receive))

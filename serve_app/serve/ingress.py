@@ -30,6 +30,7 @@ from ray.exceptions import (
     NodeDiedError,
     ObjectLostError,
     RayActorError,
+    TaskCancelledError,
     WorkerCrashedError,
 )
 from ray.serve.exceptions import BackPressureError
@@ -334,7 +335,9 @@ class EmbeddingsService:
             raise BodyReadTimeoutError(
                 f"request body not received within {self.config.body_read_timeout_s:g}s"
             ) from None
-        except ClientDisconnect:
+        except (ClientDisconnect, TaskCancelledError):
+            # Starlette's disconnect, or (through Serve's proxy) the proxy cancelling the call that
+            # streams the body to us once its client has gone.
             raise ClientDisconnectedError("the client closed the connection while sending its body") from None
 
     async def _receive_body(self, request: Request) -> bytearray:
