@@ -18,6 +18,7 @@ import numpy as np
 from serve_app.batching.scheduler import EmbedResult
 from serve_app.config import ServiceConfig
 from serve_app.core.tokenization import TextTokenizer
+from serve_app.errors import OverloadedError
 from serve_app.serve.ingress import EmbeddingsService, build_http_app
 
 DIMENSIONS = 64  # the tiny stand-in's
@@ -41,11 +42,13 @@ class FakeResponse:
     def __await__(self):
         return self._result().__await__()
 
-    async def _result(self) -> EmbedResult:
+    async def _result(self) -> EmbedResult | OverloadedError:
         enc = self.encoder
         enc.calls.append(self)
         if enc.failure is not None and enc.fail_on_call in (None, len(enc.calls)):
-            raise enc.failure  # at once, as a replica with a full queue refuses
+            if isinstance(enc.failure, OverloadedError):
+                return enc.failure  # at once, as a replica with a full queue answers
+            raise enc.failure
         await asyncio.sleep(enc.delay_s)
         vectors = np.stack([fake_vector(ids) for ids in self.token_ids])
         return EmbedResult(vectors, 0.0, enc.delay_s, 1)
@@ -62,7 +65,9 @@ class _Method:
 @dataclass
 class FakeEncoder:
     delay_s: float = 0.0
-    failure: BaseException | None = None  # raised by every call, or only by call number ``fail_on_call``
+    # Given by every call, or only by call number ``fail_on_call``: an overload is returned, as
+    # replicas do, anything else raised.
+    failure: BaseException | None = None
     fail_on_call: int | None = None
     healthy: bool = True
     calls: list = field(default_factory=list)

@@ -296,7 +296,7 @@ class EmbeddingsService:
         for attempt in range(1, MAX_ATTEMPTS + 1):
             response = self.encoder.embed.remote(token_ids, priority)
             try:
-                return await response
+                result = await response
             except asyncio.CancelledError:
                 # Awaiting a Serve response does not cancel the call when we are cancelled: say so,
                 # and the replica's batcher drops the chunk's queued inputs.
@@ -310,6 +310,10 @@ class EmbeddingsService:
                 log.warning("encoder replica lost (%s); retrying chunk, attempt %d", type(exc).__name__, attempt + 1)
                 # Serve's router drops a dead replica at once; the pause covers an unreachable one.
                 await asyncio.sleep(RETRY_BACKOFF_S * 2 ** (attempt - 1))
+                continue
+            if isinstance(result, OverloadedError):  # the replica's queue is full (returned, not raised)
+                raise result
+            return result
 
     # --- checks -----------------------------------------------------------------------
 

@@ -17,6 +17,7 @@ from ..batching.scheduler import EmbedResult, TokenBudgetBatcher
 from ..config import ServiceConfig
 from ..core.device import resolve_device, use_cpu_threads
 from ..core.encoder import Encoder
+from ..errors import OverloadedError
 from ..placement import assigned_resources, reserved_cpus
 from .autoscaling import BACKLOG_METRIC, REPLICA_RESOURCE_METRICS
 from .logs import route_core_logs_to_serve
@@ -60,7 +61,12 @@ class KalmEncoder:
         self.resource_stats = {name: resources.get(r, 0.0) for name, r in REPLICA_RESOURCE_METRICS.items()}
         log.info("encoder replica ready in %.1fs", time.perf_counter() - started)
 
-    async def embed(self, token_ids: list[list[int]], priority: str = "bulk") -> EmbedResult:
+    async def embed(self, token_ids: list[list[int]], priority: str = "bulk") -> EmbedResult | OverloadedError:
+        """The chunk's vectors; or, when this replica's queue is full, the ``OverloadedError`` itself.
+
+        A full queue is returned, not raised: Serve logs every raised exception as a failed request with
+        its traceback, and under overload that would flood the log with one per 503.
+        """
         if not self.config.priority_scheduling:
             priority = "bulk"  # one lane: first come, first served
         n_tokens = sum(len(ids) for ids in token_ids)
@@ -69,6 +75,8 @@ class KalmEncoder:
         self.in_flight_tokens += n_tokens
         try:
             return await self.batcher.embed(token_ids, priority)
+        except OverloadedError as exc:
+            return exc
         finally:
             self.in_flight -= 1
             self.in_flight_tokens -= n_tokens
