@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import logging
+import pickle
 import threading
 import time
 
@@ -277,6 +278,12 @@ def test_overload_is_503_with_retry_after_clamped_to_a_minute(model_dir):
         resp = run(post(service(model_dir, FakeEncoder(failure=failure)), {"model": model_id(model_dir), "input": "x"}))
         error_of(resp, 503, "rate_limit_error", code="overloaded")
         assert resp.headers["retry-after"] == retry_after
+
+
+def test_an_overload_returned_by_a_replica_keeps_its_retry_after_across_processes():
+    # replicas return OverloadedError (Ray pickles it to the ingress) rather than raise it
+    back = pickle.loads(pickle.dumps(OverloadedError("replica queue is full", retry_after_s=7.2)))
+    assert (back.message, back.retry_after_s) == ("replica queue is full", 7.2)
 
 
 def test_request_timeout_is_504(model_dir):
