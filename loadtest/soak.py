@@ -69,7 +69,8 @@ def request_mix(rng: random.Random, model: str) -> tuple[str, dict, bool]:
     if roll < 0.70:
         return "batch", {"model": model, "input": [text(rng, rng.randint(20, 200)) for _ in range(16)]}, True
     if roll < 0.80:
-        ids = [[rng.randint(100, 150_000) for _ in range(rng.randint(10, 300))] for _ in range(8)]
+        # ids from OpenAI's cl100k_base (the service's default reading of token ids; 100,256 of them)
+        ids = [[rng.randint(100, 100_000) for _ in range(rng.randint(10, 300))] for _ in range(8)]
         return "token ids", {"model": model, "input": ids}, True
     if roll < 0.88:
         return "long, truncate", {"model": model, "input": text(rng, 3000), "truncate": True}, True
