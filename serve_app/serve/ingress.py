@@ -81,8 +81,8 @@ LARGE_BODY_BYTES = 1024 * 1024
 class EncoderHandle(Protocol):
     """What the service needs of the encoder deployment (a Serve ``DeploymentHandle``, or a fake).
 
-    ``embed.remote(token_ids, priority)`` returns an awaitable with ``cancel()``;
-    ``health.remote()`` an awaitable.
+    ``embed.remote(token_ids, priority)`` returns an awaitable with ``cancel()`` that gives an
+    ``EmbedResult``, or the ``OverloadedError`` of a full queue; ``health.remote()`` an awaitable.
     """
 
     embed: Any
