@@ -21,19 +21,9 @@ import time
 import httpx
 import orjson
 import psutil
+from soak import replica_processes  # loadtest/ is on the path of a script run from it
 
 MIB = 1024 * 1024
-
-
-def ingress_pids(ray_tmpdir: str) -> list[int]:
-    pids = []
-    for p in psutil.process_iter(["cmdline"]):
-        try:
-            if "EmbeddingsIngress" in " ".join(p.info["cmdline"] or []) and p.environ().get("TMPDIR") == ray_tmpdir:
-                pids.append(p.pid)
-        except psutil.Error:
-            continue
-    return pids
 
 
 class PeakRss:
@@ -131,7 +121,7 @@ def main() -> None:
     ap.add_argument("--size-mib", type=float, default=32)
     args = ap.parse_args()
     url = args.url + "/v1/embeddings"
-    pids = ingress_pids(args.ray_tmpdir)
+    pids = [p.pid for p in replica_processes(args.ray_tmpdir, "EmbeddingsIngress")]
     print(f"ingress pids: {pids}")
     shapes = bodies(args.model, int(args.size_mib * MIB))
     results = []
