@@ -10,6 +10,10 @@ from serve_app.testing.standin import write_standin
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # tests never touch the network
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# Ray APIs never start or join a Ray by themselves in test processes: every test names its cluster.
+# (A Serve handle's background metrics push calls ray.wait, which would otherwise ray.init() after
+# its cluster is gone, onto whatever Ray the machine runs then, or a new one.)
+os.environ.setdefault("RAY_ENABLE_AUTO_CONNECT", "0")
 # fp32 everywhere (services and jobs the tests start inherit it), so paths can be compared to 1e-6;
 # dtype "auto" and bf16 have their own tests.
 os.environ.setdefault("KALM_DTYPE", "float32")

@@ -133,8 +133,11 @@ class ServeProcess:
     def start(self, timeout_s: float = 180) -> ServeProcess:
         serve_bin = str(Path(sys.executable).parent / "serve")
         self._log = open(self.log_path, "wb")
+        # `--address local` without a cluster: its own Ray, where serve run's default ("auto") would
+        # join any Ray already running on the machine.
+        address = ["--address", "local"] if "RAY_ADDRESS" not in self.env else []
         self.proc = subprocess.Popen(
-            [serve_bin, "run", str(self.config_path)],
+            [serve_bin, "run", *address, str(self.config_path)],
             cwd=ROOT,
             env=self.env,
             stdout=self._log,
@@ -156,6 +159,25 @@ class ServeProcess:
         except BaseException:
             self.stop()
             raise
+
+    def gcs_address(self) -> str:
+        """This service's own Ray, for drivers a test starts next to it: never ``auto``, which joins
+        whichever Ray on the machine it finds first."""
+        import psutil
+
+        for proc in psutil.process_iter(["cmdline"]):
+            cmdline = proc.info["cmdline"] or []
+            if any(str(self.ray_tmp) in arg for arg in cmdline):
+                for arg in cmdline:
+                    if arg.startswith("--gcs-address="):
+                        return arg.split("=", 1)[1]
+        raise RuntimeError(f"no process of this service's Ray ({self.ray_tmp}) names its GCS address")
+
+    def replica_logs(self, deployment: str) -> str:
+        """What the replicas of ``deployment`` wrote to their Serve log files (what Ray streams to
+        ``serve run``'s output is best effort; these files are complete)."""
+        files = sorted(self.ray_tmp.glob(f"ray/session_latest/logs/serve/replica_*_{deployment}_*.log"))
+        return "".join(f.read_text(errors="replace") for f in files)
 
     def metrics_urls(self) -> list[str]:
         """Prometheus endpoints of the Ray nodes, from the file service discovery Ray writes."""

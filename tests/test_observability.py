@@ -60,14 +60,15 @@ def test_one_structured_log_line_per_request_without_the_texts(service, tiny_mod
     )
     assert resp.status_code == 200
     deadline = time.monotonic() + 30
-    while time.monotonic() < deadline and "log-check-1" not in service.log():
+    while time.monotonic() < deadline and "log-check-1" not in service.replica_logs("EmbeddingsIngress"):
         time.sleep(1)
-    lines = [line for line in service.log().splitlines() if '"request_id":"log-check-1"' in line]
+    logs = service.replica_logs("EmbeddingsIngress")
+    lines = [line for line in logs.splitlines() if '"request_id":"log-check-1"' in line]
     assert len(lines) == 1, lines
     record = json.loads(lines[0].split("request ", 1)[1])
     assert record["status"] == 200 and record["inputs"] == 1 and record["tokens"] > 0
     assert {"total_ms", "tokenization_ms", "queue_ms", "inference_ms"} <= set(record)
-    assert secret not in service.log()
+    assert secret not in logs + service.replica_logs("KalmEncoder") + service.log()
 
 
 def test_startup_logs_name_model_load_and_warm_up(service):

@@ -186,11 +186,14 @@ def encoder_stats(expect: int, calls: int = 48) -> dict[str, dict]:
 
     handle = serve.get_deployment_handle("KalmEncoder", app_name="kalm")
     seen: dict[str, dict] = {}
-    for _ in range(10):
-        for s in [r.result() for r in [handle.stats.remote() for _ in range(calls)]]:
-            seen[s["replica"]] = s
-        if len(seen) >= expect:
-            break
+    try:
+        for _ in range(10):
+            for s in [r.result() for r in [handle.stats.remote() for _ in range(calls)]]:
+                seen[s["replica"]] = s
+            if len(seen) >= expect:
+                break
+    finally:
+        handle.shutdown()  # else its router keeps pushing metrics from this process after the cluster is gone
     return seen
 
 

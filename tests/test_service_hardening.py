@@ -39,9 +39,9 @@ import json, sys, threading, time
 import httpx, ray
 from ray import serve
 
-ray.init(address="auto", logging_level="ERROR", log_to_driver=False)
+url, model, ray_address = sys.argv[1:4]
+ray.init(address=ray_address, logging_level="ERROR", log_to_driver=False)
 stats = serve.get_deployment_handle("KalmEncoder", app_name="kalm").stats
-url, model = sys.argv[1], sys.argv[2]
 body = {"model": model, "input": [[1000 + i] * 2000 for i in range(12)]}  # 12 chunks of 2,000 tokens
 before = stats.remote().result()
 answer = {}
@@ -64,8 +64,9 @@ print(json.dumps({
 
 def test_a_503_part_way_through_a_request_drops_its_queued_chunks(service, tiny_model_dir):
     log_before = len(service.log())
+    args = [service.base_url + "/v1/embeddings", tiny_model_dir.name, service.gcs_address()]
     out = subprocess.run(
-        [sys.executable, "-c", WATCH_QUEUE, service.base_url + "/v1/embeddings", tiny_model_dir.name],
+        [sys.executable, "-c", WATCH_QUEUE, *args],
         env=service.env,
         capture_output=True,
         text=True,
