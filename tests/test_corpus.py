@@ -536,7 +536,7 @@ def test_resume_with_nothing_to_do_answers_without_ray(bad_rows_job, tiny_model_
 @pytest.mark.slow
 def test_resume_after_kill_does_only_what_is_missing(cluster, tiny_model_dir, tmp_path):
     """A plain-text corpus (ids: row numbers), killed with SIGKILL mid-job, then run again."""
-    n, per_part = 12_000, 300
+    n, per_part = 6_000, 300
     write_rows(tmp_path / "in.txt", "text", [{"text": t} for t in make_texts(n, seed=4)])
     out = tmp_path / "out"
     cmd = command(cluster, tiny_model_dir, tmp_path / "in.txt", out, "--rows-per-part", str(per_part))

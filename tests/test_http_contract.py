@@ -24,7 +24,7 @@ from serve_app.api.protocol import max_chars_per_token
 from serve_app.errors import OverloadedError
 from serve_app.serve import ingress
 from tests.http_fakes import FakeEncoder, call_asgi, client_for, fake_vector, make_service
-from tests.test_service import assert_openai_error
+from tests.openai_errors import assert_openai_error
 
 pytestmark = pytest.mark.http
 

@@ -6,40 +6,22 @@ import base64
 import csv
 import importlib.util
 import json
-import subprocess
 import sys
 import threading
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from pathlib import Path
 
 import numpy as np
 import pytest
 
-from tests.service_harness import ROOT, ServeProcess
+from tests.loadtest_cli import run_loadtest
+from tests.service_harness import ROOT
 
 # loadtest/traffic.py is plain Python (no locust, so no gevent patching of this process);
 # loaded by path so that loadtest/ need not be on sys.path for the whole session.
 _spec = importlib.util.spec_from_file_location("loadtest_traffic", ROOT / "loadtest" / "traffic.py")
 traffic = sys.modules["loadtest_traffic"] = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(traffic)
-
-RUNNER = ROOT / "loadtest" / "run.py"
-
-
-def run_loadtest(host: str, out: Path, *args: str, timeout: float = 120) -> tuple[int, dict, str]:
-    proc = subprocess.run(
-        [sys.executable, str(RUNNER), "--host", host, "--out", str(out), "--quiet", *args],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-    )
-    output = proc.stdout + proc.stderr
-    summary_path = out / "summary.json"
-    summary = json.loads(summary_path.read_text()) if summary_path.exists() else {}
-    return proc.returncode, summary, output
-
 
 # --- a fake OpenAI-style server, right or wrong on purpose ------------------------------------------
 
@@ -286,24 +268,3 @@ def test_step_mode_counts_requests_still_in_flight(tmp_path):
     [step] = summary["steps"]
     assert step["ok"] == 0 and step["late"] == 1 and step["p95_ms"] > 1500 and not step["within_slo"], output
     assert summary["best"] is None and "NO STEP MET THE SLO" in output
-
-
-# --- CI's smoke load: the real service on the tiny stand-in ------------------------------------------
-
-
-def test_smoke_load_against_tiny_standin(tiny_model_dir, tmp_path):
-    with ServeProcess(tiny_model_dir) as svc:
-        rc, summary, output = run_loadtest(
-            svc.base_url, tmp_path, "--users", "4", "--spawn-rate", "4", "--duration", "20", timeout=180
-        )
-    assert rc == 0, output
-    for name in ("locust_stats.csv", "locust_stats_history.csv", "locust_failures.csv", "report.html", "summary.json"):
-        assert (tmp_path / name).stat().st_size > 0, name
-    t = summary["total"]
-    assert t["requests_per_s"] > 0 and t["tokens_per_s"] > 0 and t["failures"] == 0, output
-    assert summary["locust_exceptions"] == 0
-    assert summary["model"] == tiny_model_dir.name and summary["expected_dim"] == 64
-    assert set(summary["by_kind"]) <= {"query", "docs"} and summary["by_kind"]["query"]["ok"] > 0
-    stats = {row["Name"]: row for row in csv.DictReader(open(tmp_path / "locust_stats.csv"))}
-    assert int(stats["Aggregated"]["Request Count"]) == t["requests"]
-    assert int(stats["Aggregated"]["Failure Count"]) == 0

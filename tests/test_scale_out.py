@@ -28,8 +28,8 @@ import orjson
 import pytest
 
 from serve_app.serve.autoscaling import TokenBacklogPolicy, encoder_autoscaling_config, replicas_that_fit
+from tests.openai_errors import assert_openai_error
 from tests.service_harness import ServeProcess, environ, free_port, local_cluster
-from tests.test_service import assert_openai_error
 
 WORKERS = 3
 DOC = "lorem ipsum dolor sit amet " * 100  # ~500 tokens with the stand-in's tokenizer

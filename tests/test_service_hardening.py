@@ -13,8 +13,8 @@ import time
 import httpx
 import pytest
 
+from tests.openai_errors import assert_openai_error
 from tests.service_harness import ServeProcess
-from tests.test_service import assert_openai_error
 
 pytestmark = pytest.mark.serve
 

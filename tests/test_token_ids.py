@@ -2,7 +2,7 @@
 
 OpenAI's endpoint, and LangChain's ``OpenAIEmbeddings`` on its defaults, send ids of OpenAI's
 ``cl100k_base``; vLLM-style clients send the model's own ids. The service test
-(tests/test_clients.py) runs the real clients against ``serve run``.
+(tests/default_service/test_clients.py) runs the real clients against ``serve run``.
 """
 
 from __future__ import annotations

@@ -5,28 +5,21 @@ from __future__ import annotations
 import json
 import re
 import time
-from pathlib import Path
 
 import httpx
 import pytest
 
-from tests.service_harness import ServeProcess
+from tests.service_harness import ROOT
 
 pytestmark = pytest.mark.serve
 
-OPERATIONS_DOC = Path(__file__).resolve().parents[1] / "docs" / "operations.md"
+OPERATIONS_DOC = ROOT / "docs" / "operations.md"
 
 
 def documented_metrics() -> list[str]:
     """Metric names from the documented metrics table (first column, in backticks)."""
     section = OPERATIONS_DOC.read_text().split("## Metrics", 1)[1].split("\n## ", 1)[0]
     return re.findall(r"^\| `(ray_kalm_\w+)`", section, flags=re.M)
-
-
-@pytest.fixture(scope="module")
-def service(tiny_model_dir):
-    with ServeProcess(tiny_model_dir) as svc:
-        yield svc
 
 
 def scrape(service) -> str:
@@ -79,7 +72,7 @@ def test_startup_logs_name_model_load_and_warm_up(service):
 
 
 def test_dashboard_queries_only_documented_or_serve_metrics():
-    dashboard = json.loads((OPERATIONS_DOC.parents[1] / "cluster" / "grafana-dashboard.json").read_text())
+    dashboard = json.loads((ROOT / "cluster" / "grafana-dashboard.json").read_text())
     exprs = [t["expr"] for p in dashboard["panels"] for t in p["targets"]]
     used = {re.sub(r"_(bucket|sum|count)$", "", m) for e in exprs for m in re.findall(r"ray_kalm_\w+", e)}
     assert used and used <= set(documented_metrics())

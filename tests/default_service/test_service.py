@@ -11,7 +11,7 @@ import openai
 import pytest
 
 from serve_app.core.checkpoint import KALM_QUERY_INSTRUCTION
-from tests.service_harness import ServeProcess
+from tests.openai_errors import assert_openai_error
 
 pytestmark = pytest.mark.serve
 
@@ -21,12 +21,6 @@ TEXTS = [
     "东京是日本的首都。",
     "Die Katze schläft auf dem Sofa.",
 ]
-
-
-@pytest.fixture(scope="module")
-def service(tiny_model_dir):
-    with ServeProcess(tiny_model_dir) as svc:
-        yield svc
 
 
 @pytest.fixture(scope="module")
@@ -45,23 +39,6 @@ def vectors(response) -> np.ndarray:
 
 def post(service, body, **kwargs) -> httpx.Response:
     return httpx.post(service.base_url + "/v1/embeddings", json=body, timeout=120, **kwargs)
-
-
-def assert_openai_error(resp: httpx.Response, status: int, type_: str, code=None, param=None, says=None):
-    assert resp.status_code == status, resp.text
-    err = resp.json()["error"]
-    assert set(err) == {"message", "type", "param", "code"}
-    assert err["type"] == type_
-    if code is not None:
-        assert err["code"] == code
-    if param is not None:
-        assert err["param"] == param
-    if says is not None:
-        assert says in err["message"], err["message"]
-    return err
-
-
-# --- the openai client ----------------------------------------------------------------------
 
 
 def test_openai_client_default_base64_equals_encoder(client, model_id, tiny_encoder):

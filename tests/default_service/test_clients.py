@@ -17,7 +17,7 @@ import pytest
 
 from serve_app.api.token_ids import cl100k_base, cl100k_file
 from serve_app.core.checkpoint import KALM_QUERY_INSTRUCTION
-from tests.service_harness import ServeProcess, environ
+from tests.service_harness import environ
 
 DOCS = [
     "Ray Serve scales model serving.",
@@ -38,12 +38,6 @@ LONG_TEXT = (
     + " "
     + "".join(f"第{i}句：东京是日本的首都，猫在沙发上睡觉。" for i in range(120))
 )
-
-
-@pytest.fixture(scope="module")
-def service(tiny_model_dir):
-    with ServeProcess(tiny_model_dir) as svc:
-        yield svc
 
 
 @pytest.fixture(scope="module")
