@@ -44,9 +44,9 @@ def test_without_gpus_one_replica_starts_and_autoscaling_adds_more(cluster):
 
 def test_the_ingress_reserves_tokenising_cpus_per_gpu(cluster):
     cluster(gpus=8, cpus=[96])  # one 8-GPU node: 8 encoder replicas with 1 CPU each, 88 CPUs to spare
-    assert placement.ingress_options("auto") == {"num_replicas": 8, "ray_actor_options": {"num_cpus": 4}}
-    cluster(gpus=1, cpus=[8, 4])  # a CPU head and one small GPU worker: 4 CPUs for 1 GPU, over 2 replicas
-    assert placement.ingress_options("auto") == {"num_replicas": 2, "ray_actor_options": {"num_cpus": 2}}
+    assert placement.ingress_options("auto") == {"num_replicas": 8, "ray_actor_options": {"num_cpus": 6}}
+    cluster(gpus=1, cpus=[8, 4])  # a CPU head and one small GPU worker: 6 CPUs for 1 GPU, over 2 replicas
+    assert placement.ingress_options("auto") == {"num_replicas": 2, "ray_actor_options": {"num_cpus": 3}}
 
 
 def test_the_ingress_takes_what_cpus_are_left_on_a_small_gpu_box(cluster):
@@ -56,11 +56,13 @@ def test_the_ingress_takes_what_cpus_are_left_on_a_small_gpu_box(cluster):
     assert placement.ingress_options("auto") == {"num_replicas": 2, "ray_actor_options": {"num_cpus": 0}}
 
 
-def test_without_gpus_the_ingress_reserves_nothing(cluster):
+def test_without_gpus_the_ingress_reserves_nothing_and_runs_once_per_cluster_of_one_node(cluster):
     cluster(gpus=0, cpus=[32])
+    assert placement.ingress_options("auto") == {"num_replicas": 1, "ray_actor_options": {"num_cpus": 0}}
+    cluster(gpus=0, cpus=[32, 32])  # several nodes: two, so that losing a node leaves one
     assert placement.ingress_options("auto") == {"num_replicas": 2, "ray_actor_options": {"num_cpus": 0}}
     cluster(gpus=4, cpus=[32])
-    assert placement.ingress_options("cpu") == {"num_replicas": 2, "ray_actor_options": {"num_cpus": 0}}
+    assert placement.ingress_options("cpu") == {"num_replicas": 1, "ray_actor_options": {"num_cpus": 0}}
 
 
 @pytest.mark.parametrize("num_gpus", [0, -0.5, 1.5])
