@@ -24,8 +24,7 @@ GPU_REPLICA_CPUS = 1
 #: Most encoder replicas the service scales to, unless the cluster has more GPUs at deploy time
 #: (the Ray autoscaler adds nodes up to it).
 MAX_ENCODER_REPLICAS = 8
-#: Ingress replicas on CPU-only clusters of several nodes, and the fewest on GPU clusters: losing
-#: a node leaves one. A one-node CPU-only cluster runs one (see :func:`ingress_options`).
+#: Ingress replicas on CPU-only clusters, and the fewest anywhere: losing a node leaves one.
 MIN_INGRESS_REPLICAS = 2
 #: GPU clusters: CPUs the ingress reserves per GPU for tokenising, JSON and HTTP. tokenizers
 #: encodes ~90k tokens/s per core (docs/gpu.md) and one H200 embeds 430-480k tokens/s with KaLM
@@ -75,19 +74,16 @@ def encoder_replica_counts(device: str, num_gpus: float = 1.0) -> tuple[int, int
 def ingress_options(device: str, num_gpus: float = 1.0) -> dict:
     """``num_replicas`` and ``ray_actor_options`` of the ingress deployment.
 
-    CPU-only clusters: replicas reserving no CPU (the encoders own the cores; tokenising is light
-    next to a CPU model), two, or one where the cluster is one node: there a second replica guards
-    against no node's loss (Serve restarts a replica that dies) and its process takes CPU from the
-    encoder (one gave 7 % more tokens/s on 2 cores, docs/measurements/2026-11-30-engine-cpu.md).
-    GPU clusters: one replica per GPU (at least two, each its own event loop) reserving
-    INGRESS_CPUS_PER_GPU CPUs per GPU between them, as far as the cluster's CPUs go once every
-    encoder replica has its own; a cluster too small to give each at least one CPU gets two
-    replicas reserving no CPU.
+    CPU-only clusters: two replicas reserving no CPU (the encoders own the cores; tokenising is
+    light next to a CPU model). GPU clusters: one replica per GPU (at least two, each its own
+    event loop) reserving INGRESS_CPUS_PER_GPU CPUs per GPU between them, as far as the cluster's
+    CPUs go once every encoder replica has its own; a cluster too small to give each at least
+    one CPU gets the CPU-only answer.
     """
     unreserved = {"num_replicas": MIN_INGRESS_REPLICAS, "ray_actor_options": {"num_cpus": 0}}
     gpus = cluster_gpus() if wants_gpu(device) else 0
     if gpus == 0:
-        return {**unreserved, "num_replicas": 1} if len(node_cpus()) == 1 else unreserved
+        return unreserved
     replicas = max(MIN_INGRESS_REPLICAS, gpus)
     spare = sum(node_cpus()) - encoder_replica_counts(device, num_gpus)[0] * GPU_REPLICA_CPUS
     per_replica = math.floor(2 * min(INGRESS_CPUS_PER_GPU * gpus, spare) / replicas) / 2  # half CPUs

@@ -47,9 +47,9 @@ def test_serve_config_scales_out_and_still_starts_one_replica_on_a_laptop():
     # replica counts and resources are left to serve_app.placement, which sees the cluster
     assert not {"num_replicas", "ray_actor_options"} & set(ingress)
     assert not {"num_replicas", "ray_actor_options", "autoscaling_config"} & set(encoder)
-    # what it decides on a laptop (no Ray running: one node, no GPU)
+    # what it decides on a laptop (no Ray running: no GPU)
     ingress_options = placement.ingress_options("auto")
-    assert ingress_options == {"num_replicas": 1, "ray_actor_options": {"num_cpus": 0}}
+    assert ingress_options == {"num_replicas": 2, "ray_actor_options": {"num_cpus": 0}}
     autoscaling = AutoscalingConfig(**encoder_autoscaling_config(*placement.encoder_replica_counts("auto")))
     assert autoscaling.min_replicas == autoscaling.initial_replicas == 1 < autoscaling.max_replicas
     # bounded queues everywhere: at the proxies (for the ingress) and at the ingress (for the encoders)
