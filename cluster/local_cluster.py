@@ -28,7 +28,6 @@ import os
 import secrets
 import shutil
 import signal
-import socket
 import sys
 import tempfile
 import threading
@@ -37,12 +36,6 @@ from pathlib import Path
 
 #: Where a running cluster leaves its pid and address for `stop`, `remove-worker`, `add-worker`.
 STATE = Path(os.environ.get("KALM_LOCAL_CLUSTER_STATE", Path(tempfile.gettempdir()) / "kalm-local-cluster.json"))
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def start(args: argparse.Namespace) -> int:
@@ -57,7 +50,7 @@ def start(args: argparse.Namespace) -> int:
     if args.worker_proxy_port:
         os.environ["RAY_SERVE_WORKER_PROXY_HTTP_PORT"] = str(args.worker_proxy_port)
 
-    from serve_app.testing.ray_cluster import start_cluster
+    from serve_app.testing.ray_cluster import free_port, start_cluster
 
     temp_dir = tempfile.mkdtemp(prefix="kalm-rc", dir="/tmp")  # short: Ray's socket paths have a length limit
     port = args.port or free_port()

@@ -1,10 +1,10 @@
 """Throughput and latency benchmark: the encoder core in-process, and any OpenAI-style URL.
 
-    python loadtest/benchmark.py --model /tmp/kalm-full [--url http://127.0.0.1:8000] \\
+    python -m loadtest.benchmark --model /tmp/kalm-full [--url http://127.0.0.1:8000] \\
         [--concurrency 1,4,16] [--scale 1.0] [--json results.json] [--scenario throughput|priority|all]
 
     # side by side with any OpenAI-compatible server (e.g. vLLM), one command per server:
-    python loadtest/benchmark.py --model /tmp/kalm-full --url http://127.0.0.1:8111 --plain-openai \\
+    python -m loadtest.benchmark --model /tmp/kalm-full --url http://127.0.0.1:8111 --plain-openai \\
         --served-only --workload side-by-side --concurrency 8 --passes 2
 
 One deterministic, seeded workload (short multilingual queries with an instruction,
@@ -37,61 +37,19 @@ import random
 import statistics
 import sys
 import time
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
-import numpy as np
+from loadtest.benchmark_targets import InProcess, Served, count_tokens
+from loadtest.benchmark_workload import Request, make_side_by_side_workload, make_workload
+from loadtest.priority_scenario import queries_under_bulk_load
+from loadtest.stats import latency_summary_ms
+from loadtest.texts import random_text
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from traffic import make_text, pick_language
-
-from serve_app.core.checkpoint import KALM_QUERY_INSTRUCTION
-
-
-@dataclass(frozen=True)
-class Request:
-    kind: str  # query | passages | long
-    texts: tuple[str, ...]
-    instruction: str | None = None
-
-
-def text_of(rng: random.Random, lo: int, hi: int, question: bool = False) -> str:
-    """About lo..hi Qwen2 tokens in a random language (the load test's seeded text generator)."""
-    return make_text(rng, pick_language(rng), rng.randint(lo, hi), question=question)
-
-
-def make_side_by_side_workload(queries: int = 60, passage_requests: int = 15, seed: int = 0) -> list[Request]:
-    """Issue 13's workload: ``queries`` single queries (with instruction) and ``passage_requests``
-    requests of 4 passages of 100-400 tokens, in a seeded random order."""
-    rng = random.Random(seed)
-    kinds = ["query"] * queries + ["passages"] * passage_requests
-    rng.shuffle(kinds)
-    return [
-        Request("query", (text_of(rng, 5, 30, question=True),), KALM_QUERY_INSTRUCTION)
-        if kind == "query"
-        else Request("passages", tuple(text_of(rng, 100, 400) for _ in range(4)))
-        for kind in kinds
-    ]
-
-
-def make_workload(n_requests: int, seed: int = 0) -> list[Request]:
-    """55% single queries (with instruction), 40% 1-4 passages of 100-400 tokens, 5% (at least one) a
-    2-4k-token document; in a seeded random order."""
-    rng = random.Random(seed)
-    n_long = max(1, round(0.05 * n_requests))
-    n_passages = round(0.40 * n_requests)
-    kinds = ["long"] * n_long + ["passages"] * n_passages + ["query"] * (n_requests - n_long - n_passages)
-    rng.shuffle(kinds)
-    out = []
-    for kind in kinds:
-        if kind == "query":
-            out.append(Request("query", (text_of(rng, 5, 30, question=True),), KALM_QUERY_INSTRUCTION))
-        elif kind == "passages":
-            out.append(Request("passages", tuple(text_of(rng, 100, 400) for _ in range(rng.randint(1, 4)))))
-        else:
-            out.append(Request("long", (text_of(rng, 2000, 4000),)))
-    return out
+#: Sends one request, at a priority or the target's default, and returns its tokens.
+Call = Callable[[Request, str | None], Awaitable[int]]
 
 
 # --- measurement ------------------------------------------------------------------------
@@ -117,29 +75,18 @@ class RunResult:
             "wall_s": round(self.wall_s, 2),
             "tokens_per_s": round(self.tokens / self.wall_s, 1),
             "requests_per_s": round(self.requests / self.wall_s, 2),
-            **percentiles(every),
+            **latency_summary_ms(every),
         }
         for kind, xs in sorted(self.latencies_s.items()):
-            out[kind] = percentiles(xs)
+            out[kind] = latency_summary_ms(xs)
         if self.batches:
             out["batches"] = self.batches
         return out
 
 
-def percentiles(xs: list[float]) -> dict:
-    if not xs:
-        return {}
-    a = np.array(xs) * 1e3
-    return {
-        "p50_ms": round(float(np.percentile(a, 50)), 1),
-        "p95_ms": round(float(np.percentile(a, 95)), 1),
-        "p99_ms": round(float(np.percentile(a, 99)), 1),
-        "max_ms": round(float(a.max()), 1),
-        "n": len(xs),
-    }
-
-
-async def drive(workload: list[Request], concurrency: int, call) -> tuple[dict, int, float]:
+async def drive(
+    workload: list[Request], concurrency: int, call: Callable[[Request], Awaitable[int]]
+) -> tuple[dict, int, float]:
     """Run ``workload`` with ``concurrency`` closed-loop clients; ``call(req) -> tokens``."""
     queue = list(reversed(workload))
     latencies: dict[str, list[float]] = {}
@@ -157,130 +104,6 @@ async def drive(workload: list[Request], concurrency: int, call) -> tuple[dict, 
     started = time.perf_counter()
     await asyncio.gather(*(client() for _ in range(concurrency)))
     return latencies, tokens, time.perf_counter() - started
-
-
-class InProcess:
-    """The replica's path without Ray or HTTP: tokenise, TokenBudgetBatcher, Encoder."""
-
-    def __init__(self, encoder, config):
-        from serve_app.batching.scheduler import TokenBudgetBatcher
-
-        self.encoder = encoder
-        self.interactive_max_tokens = config.interactive_max_tokens
-        self.batcher = TokenBudgetBatcher.for_encoder(encoder, config)
-        self.results: list[tuple[str, object]] = []  # (request kind, EmbedResult): where the time went
-
-    async def call(self, req: Request, priority: str | None = None) -> int:
-        tok = self.encoder.tokenizer
-        ids = [
-            t.ids
-            for t in await asyncio.to_thread(tok.encode_texts, list(req.texts), tok.prompt_for(req.instruction), True)
-        ]
-        n = sum(map(len, ids))
-        result = await self.batcher.embed(
-            ids, priority or ("interactive" if n <= self.interactive_max_tokens else "bulk")
-        )
-        self.results.append((req.kind, result))
-        return n
-
-    def batch_stats_since(self, before: dict) -> dict:
-        s = self.batcher.stats
-        batches, rows = s.batches - before["batches"], s.rows - before["rows"]
-        tokens, padded = s.tokens - before["tokens"], s.padded_tokens - before["padded_tokens"]
-        return batch_summary(batches, rows, tokens, padded)
-
-    def snapshot(self) -> dict:
-        s = self.batcher.stats
-        return {"batches": s.batches, "rows": s.rows, "tokens": s.tokens, "padded_tokens": s.padded_tokens}
-
-
-def batch_summary(batches: float, rows: float, tokens: float, padded: float) -> dict:
-    if not batches:
-        return {}
-    return {
-        "batches": int(batches),
-        "mean_rows": round(rows / batches, 2),
-        "mean_tokens": round(padded / batches, 1),
-        "padding_fraction": round(1 - tokens / padded, 4) if padded else 0.0,
-    }
-
-
-class Served:
-    """Any OpenAI-compatible /v1/embeddings endpoint.
-
-    ``plain_openai``: only OpenAI's fields; a query's instruction goes into its text
-    (``tokenizer.prompt_for``), which is how the service itself formats it. ``call``
-    returns the request's tokens as ``tokenizer`` counts them, whatever the server says.
-    """
-
-    def __init__(
-        self,
-        url: str,
-        model: str | None,
-        api_key: str | None,
-        ray_address: str | None,
-        tokenizer,
-        plain_openai: bool = False,
-        transport=None,
-    ):
-        import httpx
-
-        self.url = url.rstrip("/")
-        headers = {"authorization": f"Bearer {api_key}"} if api_key else {}
-        self.client = httpx.AsyncClient(
-            timeout=600,
-            headers=headers,
-            limits=httpx.Limits(max_connections=256, max_keepalive_connections=256),
-            transport=transport,
-        )
-        self.model = model
-        self.ray_address = ray_address
-        self.tokenizer = tokenizer
-        self.plain_openai = plain_openai
-
-    async def resolve_model(self) -> str:
-        if not self.model:
-            resp = await self.client.get(self.url + "/v1/models")
-            self.model = resp.json()["data"][0]["id"]
-        return self.model
-
-    async def call(self, req: Request, priority: str | None = None) -> int:
-        body: dict = {"model": self.model, "input": list(req.texts), "encoding_format": "base64"}
-        if self.plain_openai:
-            body["input"] = [self.tokenizer.prompt_for(req.instruction) + text for text in req.texts]
-        else:
-            if req.instruction:
-                body["instruction"] = req.instruction
-            if priority:
-                body["priority"] = priority
-        resp = await self.client.post(self.url + "/v1/embeddings", json=body)
-        if resp.status_code != 200:
-            raise RuntimeError(f"{resp.status_code}: {resp.text[:300]}")
-        if len(resp.json()["data"]) != len(req.texts):
-            raise RuntimeError(f"{len(req.texts)} inputs sent, {len(resp.json()['data'])} embeddings received")
-        return count_tokens(self.tokenizer, req)
-
-    async def batch_counters(self) -> dict | None:
-        """Scheduler counters of the (first) encoder replica, when this process can reach the Ray cluster."""
-        if not self.ray_address:
-            return None
-        import ray
-        from ray import serve
-
-        if not ray.is_initialized():
-            ray.init(address=self.ray_address, namespace="serve", log_to_driver=False)
-        return await serve.get_deployment_handle("KalmEncoder", app_name="kalm").stats.remote()
-
-    @staticmethod
-    def batch_stats_between(before: dict | None, after: dict | None) -> dict | None:
-        if before is None or after is None:
-            return None
-        return batch_summary(*(after[k] - before[k] for k in ("batches", "rows", "tokens", "padded_tokens")))
-
-
-def count_tokens(tokenizer, req: Request) -> int:
-    """The request's tokens as the model's tokenizer makes them (prompt and special tokens included)."""
-    return sum(len(t.ids) for t in tokenizer.encode_texts(list(req.texts), tokenizer.prompt_for(req.instruction), True))
 
 
 # --- the pieces of a run -----------------------------------------------------------------
@@ -308,7 +131,7 @@ def matmul_gflops(n: int = 2048, repeats: int = 5) -> float:
     return 2 * n**3 / statistics.median(times) / 1e9
 
 
-def core_efficiency(encoder, passages: list[str], matmul: float) -> dict:
+def core_efficiency(encoder: Any, passages: list[str], matmul: float) -> dict:
     """Passages of 100-400 tokens straight through Encoder.embed_token_ids: achieved vs matmul GFLOP/s."""
     ids = [t.ids for t in encoder.tokenizer.encode_texts(passages, truncate=True)]
     encoder.embed_token_ids(ids[:4])
@@ -334,63 +157,43 @@ def core_efficiency(encoder, passages: list[str], matmul: float) -> dict:
     }
 
 
-async def lone_query(call, req: Request, repeats: int) -> dict:
+async def lone_query(call: Callable[[Request], Awaitable[int]], req: Request, repeats: int) -> dict:
     await call(req)
     times = []
     for _ in range(repeats):
         started = time.perf_counter()
         await call(req)
         times.append(time.perf_counter() - started)
-    return percentiles(times)
+    return latency_summary_ms(times)
 
 
-async def priority_scenario(
-    call, workload: list[Request], bulk_clients: int, query_interval_s: float, duration_s: float, prioritise: bool
+async def priority_run(
+    call: Call, workload: list[Request], bulk_clients: int, query_interval_s: float, duration_s: float, prioritise: bool
 ) -> dict:
-    """Saturating bulk passages plus a steady trickle of single queries, for ``duration_s``."""
+    """The priority scenario on this workload's queries and passages; scheduling off sends everything as bulk."""
     queries = [r for r in workload if r.kind == "query"]
     bulk = [r for r in workload if r.kind == "passages"]
-    stop = time.perf_counter() + duration_s
-    lat: dict[str, list[float]] = {"query": [], "passages": []}
-    tokens = 0
-
-    async def one(req, kind, priority):
-        nonlocal tokens
-        started = time.perf_counter()
-        n = await call(req, priority)
-        tokens += n
-        lat[kind].append(time.perf_counter() - started)
-
-    async def bulk_client(k):
-        i = k
-        while time.perf_counter() < stop:
-            await one(bulk[i % len(bulk)], "passages", None if prioritise else "bulk")
-            i += bulk_clients
-
-    async def query_trickle():
-        tasks, i = [], 0
-        while time.perf_counter() < stop:
-            tasks.append(asyncio.create_task(one(queries[i % len(queries)], "query", None if prioritise else "bulk")))
-            i += 1
-            await asyncio.sleep(query_interval_s)
-        await asyncio.gather(*tasks)
-
-    started = time.perf_counter()
-    await asyncio.gather(query_trickle(), *(bulk_client(k) for k in range(bulk_clients)))
-    wall = time.perf_counter() - started
+    priority = None if prioritise else "bulk"
+    run = await queries_under_bulk_load(
+        lambda i: call(queries[i % len(queries)], priority),
+        lambda i: call(bulk[i % len(bulk)], priority),
+        bulk_clients,
+        query_interval_s,
+        duration_s,
+    )
     return {
         "scheduling": "on" if prioritise else "off",
-        "tokens_per_s": round(tokens / wall, 1),
-        "wall_s": round(wall, 1),
-        "query": percentiles(lat["query"]),
-        "passages": percentiles(lat["passages"]),
+        "tokens_per_s": round(run.tokens_per_s, 1),
+        "wall_s": round(run.seconds, 1),
+        "query": latency_summary_ms(run.query_latencies_s),
+        "passages": latency_summary_ms(run.bulk_latencies_s),
     }
 
 
 # --- main --------------------------------------------------------------------------------
 
 
-async def main(args) -> dict:
+async def main(args: argparse.Namespace) -> dict:
     import torch
 
     from serve_app import Encoder
@@ -446,7 +249,7 @@ async def main(args) -> dict:
         report["lone_query"] = {}
         if in_process:
             rng = random.Random(args.seed + 1)
-            passages = [text_of(rng, 100, 400) for _ in range(max(8, int(16 * args.scale)))]
+            passages = [random_text(rng, (100, 400)) for _ in range(max(8, int(16 * args.scale)))]
             report["core"] = core_efficiency(encoder, passages, report["matmul_gflops"])
             print("core:", json.dumps(report["core"]), flush=True)
             report["lone_query"]["in_process"] = await lone_query(in_process.call, lone, 20)
@@ -467,8 +270,10 @@ async def main(args) -> dict:
                 if served:
                     before_m = await served.batch_counters()
                     lat, tokens, wall = await drive(workload, c, served.call)
-                    batches = Served.batch_stats_between(before_m, await served.batch_counters())
-                    report["runs"].append(RunResult("served", c, len(workload), tokens, wall, lat, batches).summary())
+                    served_batches = Served.batch_stats_between(before_m, await served.batch_counters())
+                    report["runs"].append(
+                        RunResult("served", c, len(workload), tokens, wall, lat, served_batches).summary()
+                    )
                     print(json.dumps(report["runs"][-1]), flush=True)
         top = max(concurrencies)
         by = {r["name"]: r for r in report["runs"] if r["concurrency"] == top}
@@ -479,7 +284,7 @@ async def main(args) -> dict:
 
     if args.scenario in ("priority", "all"):
         report["priority"] = []
-        targets = [("in_process", in_process.call)] if in_process else []
+        targets: list[tuple[str, Call]] = [("in_process", in_process.call)] if in_process else []
         if served and not args.plain_openai:  # priorities are this service's extension
             targets.append(("served", served.call))
         for name, call in targets:
@@ -487,16 +292,16 @@ async def main(args) -> dict:
                 if in_process:
                     before, in_process.results = in_process.snapshot(), []
                     preemptions = in_process.batcher.stats.preemptions
-                result = await priority_scenario(
+                result = await priority_run(
                     call, workload, args.bulk_clients, args.query_interval_s, args.priority_duration_s, prioritise=on
                 )
                 result["target"] = name
-                if name == "in_process":
+                if name == "in_process" and in_process:
                     result["batches"] = in_process.batch_stats_since(before)
                     result["preemptions"] = in_process.batcher.stats.preemptions - preemptions
                     queries = [r for kind, r in in_process.results if kind == "query"]
-                    result["query_queue"] = percentiles([r.queue_s for r in queries])
-                    result["query_inference"] = percentiles([r.inference_s for r in queries])
+                    result["query_queue"] = latency_summary_ms([r.queue_s for r in queries])
+                    result["query_inference"] = latency_summary_ms([r.inference_s for r in queries])
                 report["priority"].append(result)
                 print(json.dumps(result), flush=True)
         if in_process:
@@ -507,7 +312,7 @@ async def main(args) -> dict:
     return report
 
 
-def parse_args(argv=None):
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--model", required=True, help="model directory or hub id (the full-size stand-in for the targets)")
     p.add_argument("--url", help="OpenAI-compatible base URL to benchmark as well, e.g. http://127.0.0.1:8000")

@@ -1,6 +1,6 @@
 """Hostile-size requests against a running service: time to answer, ingress memory, small-query latency.
 
-    python loadtest/big_bodies.py --url http://127.0.0.1:8000 --model tiny --ray-tmpdir /tmp/xyz
+    python -m loadtest.big_bodies --url http://127.0.0.1:8000 --model tiny --ray-tmpdir /tmp/xyz
 
 Sends 32 MiB bodies of every shape (one text, one text with truncate, 2,048 texts, token ids
 flat and nested), one at a time, then four at once while small queries run, and prints for
@@ -14,14 +14,15 @@ from __future__ import annotations
 import argparse
 import concurrent.futures as cf
 import json
-import statistics
 import threading
 import time
 
 import httpx
 import orjson
 import psutil
-from soak import replica_processes  # loadtest/ is on the path of a script run from it
+
+from loadtest.soak import replica_processes
+from loadtest.stats import percentile
 
 MIB = 1024 * 1024
 
@@ -61,7 +62,7 @@ def bodies(model: str, size: int) -> dict[str, bytes]:
     per_text = size // 2048 - 8
     ids_flat = [101_000 + i % 9000 for i in range(size // 7)]  # "10xxxx," = 7 bytes each
     ids_nested = [ids_flat[i : i + 4096] for i in range(0, len(ids_flat), 4096)]
-    shapes = {
+    shapes: dict[str, dict] = {
         "one text": {"model": model, "input": one},
         "one text, truncate": {"model": model, "input": one, "truncate": True},
         "2048 texts": {"model": model, "input": [(words * (per_text // len(words) + 1))[:per_text]] * 2048},
@@ -109,10 +110,6 @@ def small_queries(url: str, model: str, stop: threading.Event, latencies: list[f
             latencies.append(time.perf_counter() - started)
 
 
-def p95(values: list[float]) -> float:
-    return statistics.quantiles(values, n=20)[-1] if len(values) >= 2 else float("nan")
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--url", default="http://127.0.0.1:8000")
@@ -143,7 +140,8 @@ def main() -> None:
 
     # small-query latency alone, then while four 32 MiB bodies arrive at once
     for label, n_big in (("alone", 0), ("with 4 big bodies at once", 4)):
-        stop, latencies = threading.Event(), []
+        stop = threading.Event()
+        latencies: list[float] = []
         queriers = [threading.Thread(target=small_queries, args=(url, args.model, stop, latencies)) for _ in range(4)]
         for t in queriers:
             t.start()
@@ -162,8 +160,8 @@ def main() -> None:
         line = {
             "small queries": label,
             "n": len(latencies),
-            "p50_s": round(statistics.median(latencies), 3),
-            "p95_s": round(p95(latencies), 3),
+            "p50_s": round(percentile(latencies, 50), 3),
+            "p95_s": round(percentile(latencies, 95), 3),
             "window_s": round(window, 2),
             "big": [(s, round(sec, 2)) for s, sec, _ in big],
             "ingress_rss_growth_mb": round(rss.growth_mb, 1),

@@ -1,7 +1,7 @@
 """Run the locust load test headless: reports, a summary, an exit status; or find the SLO limit.
 
-    python loadtest/run.py --host http://127.0.0.1:8000 --users 8 --spawn-rate 2 --duration 60s
-    python loadtest/run.py --host URL --step --slo-ms 500 --mix query=1      # step load
+    python -m loadtest.run --host http://127.0.0.1:8000 --users 8 --spawn-rate 2 --duration 60s
+    python -m loadtest.run --host URL --step --slo-ms 500 --mix query=1      # step load
 
 Fixed mode runs ``--users`` clients for ``--duration``. Step mode starts at
 ``--start-users`` and adds ``--step-users`` every ``--step-time`` seconds until a step's
@@ -21,28 +21,31 @@ overload answer, 429/503 with Retry-After); 2 when the target cannot be used.
 
 from __future__ import annotations
 
-import os
-import sys
-
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-
 import argparse
 import csv
 import json
 import logging
 import math
+import os
+import sys
 import time
 from collections import Counter, defaultdict
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Any
 
 import gevent
-import locustfile
-import traffic
 from locust import events
 from locust.env import Environment
 from locust.html import get_html_report
 from locust.stats import CSV_STATS_INTERVAL_SEC, PERCENTILES_TO_REPORT, StatsCSVFileWriter, stats_history
+
+from loadtest import locustfile
+from loadtest.answers import OK, OVERLOAD
+from loadtest.settings import add_traffic_arguments, settings_from_args
+from loadtest.stats import percentile
+from loadtest.target import TargetError, discover
 
 RESULTS = Path(__file__).resolve().parent / "results"
 log = logging.getLogger("loadtest")
@@ -63,14 +66,21 @@ class Sample:
 class Recorder:
     """Every request the users make, from locust's request event."""
 
-    def __init__(self):
+    def __init__(self) -> None:
         self.samples: list[Sample] = []
         self.examples: dict[str, str] = {}  # failure kind -> one detail message
 
-    def on_request(self, name, response_time, exception=None, context=None, **_kwargs):
+    def on_request(
+        self,
+        name: str,
+        response_time: float,
+        exception: BaseException | None = None,
+        context: dict | None = None,
+        **_kwargs: Any,
+    ) -> None:
         ctx = context or {}
-        outcome = ctx.get("outcome") or (traffic.OK if exception is None else "error")
-        if outcome != traffic.OK and outcome not in self.examples:
+        outcome = ctx.get("outcome") or (OK if exception is None else "error")
+        if outcome != OK and outcome not in self.examples:
             self.examples[outcome] = ctx.get("detail") or repr(exception)
         self.samples.append(
             Sample(time.time(), float(response_time), ctx.get("kind", name), outcome, int(ctx.get("tokens") or 0))
@@ -80,29 +90,29 @@ class Recorder:
         return [s for s in self.samples if t0 <= s.t < t1]
 
 
-def aggregate(samples: list[Sample], seconds: float, late_ms: list[float] = ()) -> dict:
+def aggregate(samples: list[Sample], seconds: float, late_ms: Sequence[float] = ()) -> dict:
     """Throughput and latency of ``samples`` (completed over ``seconds``).
 
     ``late_ms``: ages of requests still in flight and already past the SLO; they enter the
     latency percentiles with their age so far (a lower bound), never the throughput.
     """
-    ok = [s for s in samples if s.outcome == traffic.OK]
-    failures = Counter(s.outcome for s in samples if s.outcome not in (traffic.OK, traffic.OVERLOAD))
+    ok = [s for s in samples if s.outcome == OK]
+    failures = Counter(s.outcome for s in samples if s.outcome not in (OK, OVERLOAD))
     lat = [s.ms for s in ok] + list(late_ms)
     seconds = max(seconds, 1e-9)
     out = {
         "seconds": round(seconds, 2),
         "requests": len(samples),
         "ok": len(ok),
-        "overload": sum(s.outcome == traffic.OVERLOAD for s in samples),
+        "overload": sum(s.outcome == OVERLOAD for s in samples),
         "failures": sum(failures.values()),
         "failures_by_kind": dict(failures),
         "requests_per_s": len(ok) / seconds,
         "tokens": sum(s.tokens for s in ok),
         "tokens_per_s": sum(s.tokens for s in ok) / seconds,
-        "p50_ms": traffic.percentile(lat, 50),
-        "p95_ms": traffic.percentile(lat, 95),
-        "p99_ms": traffic.percentile(lat, 99),
+        "p50_ms": percentile(lat, 50),
+        "p95_ms": percentile(lat, 95),
+        "p99_ms": percentile(lat, 99),
         "max_ms": max(lat) if lat else math.nan,
     }
     if late_ms:
@@ -184,8 +194,8 @@ def progress(test: LoadTest, t0: float, every_s: float, stop: list) -> None:
         print(
             f"  [{now - t0:5.0f}s] users {test.runner.user_count:3d}  req/s {w['requests_per_s']:7.2f}  "
             f"tok/s {w['tokens_per_s']:8.0f}  p95 {_ms(w['p95_ms']):>6} ms  "
-            f"total ok {sum(s.outcome == traffic.OK for s in total)}  overload {w['overload']}  "
-            f"failures {sum(s.outcome not in (traffic.OK, traffic.OVERLOAD) for s in total)}",
+            f"total ok {sum(s.outcome == OK for s in total)}  overload {w['overload']}  "
+            f"failures {sum(s.outcome not in (OK, OVERLOAD) for s in total)}",
             flush=True,
         )
         last = now
@@ -382,7 +392,7 @@ def seconds(text: str) -> float:
 
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(
-        prog="python loadtest/run.py",
+        prog="python -m loadtest.run",
         description=__doc__.split("\n\n")[0],
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
@@ -417,7 +427,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     s.add_argument("--step-time", type=seconds, default=30.0, help="seconds per step (its measuring window)")
     s.add_argument("--max-users", type=int, default=256)
     s.add_argument("--max-duration", type=seconds, default=900.0, help="bound on the whole step run")
-    traffic.add_traffic_arguments(p)
+    add_traffic_arguments(p)
     args = p.parse_args(argv)
     for name in ("users", "start_users", "step_users", "max_users"):
         if getattr(args, name) < 1:
@@ -434,13 +444,13 @@ def main(argv=None) -> int:
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
     try:
-        settings = traffic.settings_from_args(args)
+        settings = settings_from_args(args)
     except ValueError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     try:
-        settings = traffic.discover(args.host, settings)
-    except traffic.TargetError as exc:
+        settings = discover(args.host, settings)
+    except TargetError as exc:
         print(f"error: cannot use {args.host}: {exc}", file=sys.stderr)
         return 2
     locustfile.configure(settings)

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Start a private single-node Ray + the service on MODEL, run loadtest/benchmark.py against it
+# Start a private single-node Ray + the service on MODEL, run `python -m loadtest.benchmark` against it
 # side by side with the in-process core, then stop everything it started.
 #   loadtest/serve_and_benchmark.sh MODEL_DIR OUT.json [benchmark args...]
 set -euo pipefail
@@ -23,5 +23,5 @@ for _ in $(seq 300); do
   [ "$(curl -s -o /dev/null -w '%{http_code}' "http://127.0.0.1:$port/health")" = 200 ] && break
   sleep 1
 done
-python loadtest/benchmark.py --model "$model" --url "http://127.0.0.1:$port" \
+python -m loadtest.benchmark --model "$model" --url "http://127.0.0.1:$port" \
   --ray-address "$RAY_ADDRESS" --json "$out" "$@"

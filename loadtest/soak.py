@@ -1,6 +1,6 @@
 """Soak: minutes of mixed load against a running service while encoder replicas are killed.
 
-    python loadtest/soak.py --url http://127.0.0.1:8000 --model tiny --ray-tmpdir /tmp/xyz \
+    python -m loadtest.soak --url http://127.0.0.1:8000 --model tiny --ray-tmpdir /tmp/xyz \
         --minutes 30 --kill-every-s 180
 
 Clients send a mix (queries, batches of texts, token ids, truncated long texts, and client
@@ -20,12 +20,13 @@ import json
 import os
 import random
 import signal
-import statistics
 import threading
 import time
 
 import httpx
 import psutil
+
+from loadtest.stats import percentile
 
 MIB = 1024 * 1024
 WORDS = "the quick brown fox jumps over a lazy dog while ray serve batches embeddings".split()
@@ -74,7 +75,7 @@ def request_mix(rng: random.Random, model: str) -> tuple[str, dict, bool]:
         return "token ids", {"model": model, "input": ids}, True
     if roll < 0.88:
         return "long, truncate", {"model": model, "input": text(rng, 3000), "truncate": True}, True
-    mistakes = [
+    mistakes: list[dict] = [
         {"model": model, "input": ""},
         {"model": "gpt-4", "input": "x"},
         {"model": model, "input": [1.5]},
@@ -90,6 +91,7 @@ def client_loop(url: str, model: str, seed: int, stop: threading.Event, results:
         while not stop.is_set():
             kind, body, good = request_mix(rng, model)
             started = time.perf_counter()
+            status: int | str  # the HTTP status, or the exception's name when there was no answer
             try:
                 status = client.post(url, json=body).status_code
             except httpx.HTTPError as exc:
@@ -122,7 +124,9 @@ def main() -> None:
 
     rss_start = rss_mb(args.ray_tmpdir)
     print(f"RSS at start (MB): {rss_start}", flush=True)
-    stop, results, kills = threading.Event(), [], []
+    stop = threading.Event()
+    results: list[tuple[str, int | str, bool, float]] = []  # (kind, status, ok, seconds)
+    kills: list[tuple[float, int]] = []
     threads = [
         threading.Thread(target=client_loop, args=(url, args.model, seed, stop, results))
         for seed in range(args.clients)
@@ -154,8 +158,8 @@ def main() -> None:
         "failures": collections.Counter(f"{k} -> {s}" for k, s, _, _ in failures),
         "by_kind": {k: dict(v) for k, v in by_kind.items()},
         "latency_s": {
-            "p50": round(statistics.median(good_latency), 3),
-            "p95": round(statistics.quantiles(good_latency, n=20)[-1], 3),
+            "p50": round(percentile(good_latency, 50), 3),
+            "p95": round(percentile(good_latency, 95), 3),
             "max": round(max(good_latency), 3),
         },
         "encoder_kills": len(kills),

@@ -1,9 +1,9 @@
 """The prepared GPU check: the encoder on one GPU, measured and checked, written to one JSON file.
 
-    PYTHONPATH=. python scripts/gpu_check.py --out gpu_check.json          # a GPU machine, < 8 minutes
-    PYTHONPATH=. python scripts/gpu_check.py --smoke --out smoke.json      # CPU, tiny stand-in, < 1 minute
+    python -m scripts.gpu_check --out gpu_check.json          # a GPU machine, < 8 minutes
+    python -m scripts.gpu_check --smoke --out smoke.json      # CPU, tiny stand-in, < 1 minute
 
-Needs torch (with CUDA), the project's Python dependencies and this repository: no network,
+Run from the repository root. Needs torch (with CUDA), the project's Python dependencies and this repository: no network,
 no Ray. It writes the full-size stand-in (KaLM v2's architecture and tokenizer, RANDOM weights)
 and reports, each section on its own (one that fails is recorded and the rest still run):
 
@@ -14,7 +14,8 @@ and reports, each section on its own (one that fails is recorded and the rest st
 * ``throughput``: ``Encoder.embed_token_ids`` tokens/s on 128-, 512- and 2048-token texts and
   on mixed lengths, packed and (for comparison) padded;
 * ``long_input``: one 32k-token input: seconds and peak memory;
-* ``scheduler``: ``TokenBudgetBatcher`` query latency (p50/p95) alone and under bulk load.
+* ``scheduler``: ``TokenBudgetBatcher`` query latency (p50/p95) alone and under bulk load
+  (the benchmark's priority scenario, ``loadtest.priority_scenario``).
 
 The JSON is rewritten after every section, so a run stopped early still leaves what it measured.
 A global time budget (``--budget-s``) skips sections that no longer fit. If the packed
@@ -35,13 +36,18 @@ import sys
 import tempfile
 import time
 import traceback
+from collections.abc import Callable
+from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
+from loadtest.priority_scenario import queries_under_bulk_load
+from loadtest.stats import percentile
 from serve_app import Encoder
 from serve_app.batching.scheduler import TokenBudgetBatcher
 from serve_app.config import ServiceConfig
@@ -59,11 +65,31 @@ PARITY_TEXTS = [
     "东京是日本的首都，也是世界上人口最多的都市圈之一。",
     "def f(x):\n    return x ** 2  # 12345",
 ]
-BF16_COSINE_FLOOR = 0.995  # the project's bf16 parity bar (issue 13)
+BF16_COSINE_FLOOR = 0.995  # the project's bf16 parity bar (docs/gpu.md)
+
+
+@dataclass(frozen=True)
+class Mode:
+    """What a run measures, and how much of it."""
+
+    size: str  # of the stand-in written
+    device: str
+    dtype: str
+    budget_s: float
+    attention_lengths: list[int]
+    tokens_per_round: int
+    min_round_s: float
+    max_rounds: int
+    lengths: tuple[int, ...]
+    long_tokens: int
+    scheduler_s: float
+    queries_per_s: float
+    bulk_clients: int
+
 
 # What each mode runs: the GPU sizes fit the 8-minute limit with room to spare; smoke runs the same code small.
 MODES = {
-    "gpu": dict(
+    "gpu": Mode(
         size="full",
         device="cuda",
         dtype="bfloat16",
@@ -78,7 +104,7 @@ MODES = {
         queries_per_s=20,
         bulk_clients=4,
     ),
-    "smoke": dict(
+    "smoke": Mode(
         size="tiny",
         device="cpu",
         dtype="float32",
@@ -108,7 +134,7 @@ class Report:
     def left_s(self) -> float:
         return self.budget_s - (time.monotonic() - self.started)
 
-    def section(self, name: str, fn, needs_s: float = 0.0):
+    def section(self, name: str, fn: Callable[[], dict | None], needs_s: float = 0.0) -> dict | None:
         """Run one section: its result, or its error, goes into the JSON; None when it failed or was skipped."""
         if self.left_s() < needs_s:
             self.data["sections"][name] = {"ok": False, "skipped": f"time budget: {self.left_s():.0f} s left"}
@@ -178,7 +204,7 @@ def nvidia_smi() -> str | None:
 
 
 def environment(device: torch.device, mode: str, commit_id: str | None) -> dict:
-    info = {
+    info: dict[str, Any] = {
         "mode": mode,
         "date_utc": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "commit": commit_id or commit(),
@@ -201,9 +227,9 @@ def environment(device: torch.device, mode: str, commit_id: str | None) -> dict:
     return info
 
 
-def attention_kernels(device: torch.device, dtype: torch.dtype, cfg: dict) -> dict:
+def attention_kernels(device: torch.device, dtype: torch.dtype, cfg: Mode) -> dict:
     """Every packed kernel this device can run, against SDPA text by text, on KaLM's head shapes."""
-    lengths = cfg["attention_lengths"]
+    lengths = cfg.attention_lengths
     spans, start = [], 0
     for n in lengths:
         spans.append((start, start + n))
@@ -219,13 +245,14 @@ def attention_kernels(device: torch.device, dtype: torch.dtype, cfg: dict) -> di
         ]
     ).float()
     kernels = [NESTED] + ([VARLEN] if packed_kernel(device, dtype) == VARLEN else [])
-    out = {"selected": packed_kernel(device, dtype), "max_abs_diff": {}}
+    max_abs_diff: dict[str, float] = {}
+    out: dict[str, Any] = {"selected": packed_kernel(device, dtype), "max_abs_diff": max_abs_diff}
     for kernel in kernels:
         got = packed_attention(q, k, v, PackedSpans(spans, device, kernel)).float()
-        out["max_abs_diff"][kernel] = float((got - want).abs().max())
+        max_abs_diff[kernel] = float((got - want).abs().max())
     tolerance = 1e-5 if dtype == torch.float32 else 2e-2
     out["tolerance"] = tolerance
-    bad = {k: d for k, d in out["max_abs_diff"].items() if not d <= tolerance}
+    bad = {k: d for k, d in max_abs_diff.items() if not d <= tolerance}
     if bad:
         raise AssertionError(f"packed attention differs from per-text SDPA: {bad} > {tolerance}")
     return out
@@ -247,11 +274,12 @@ def parity(encoder: Encoder, model_dir: Path) -> dict:
     }
 
 
-def tokens_per_second(encoder: Encoder, texts: list[list[int]], cfg: dict) -> dict:
+def tokens_per_second(encoder: Encoder, texts: list[list[int]], cfg: Mode) -> dict:
     tokens = sum(len(t) for t in texts)
     encoder.embed_token_ids(texts[: max(1, len(texts) // 8)])  # warm-up: kernels, allocator
-    rounds, started = [], time.perf_counter()
-    while len(rounds) < cfg["max_rounds"] and (not rounds or time.perf_counter() - started < cfg["min_round_s"]):
+    rounds: list[float] = []
+    started = time.perf_counter()
+    while len(rounds) < cfg.max_rounds and (not rounds or time.perf_counter() - started < cfg.min_round_s):
         t0 = time.perf_counter()
         encoder.embed_token_ids(texts)  # returns host vectors: the device has finished
         rounds.append(tokens / (time.perf_counter() - t0))
@@ -264,19 +292,19 @@ def tokens_per_second(encoder: Encoder, texts: list[list[int]], cfg: dict) -> di
     }
 
 
-def throughput(encoder: Encoder, cfg: dict) -> dict:
-    out = {"max_batch_tokens": encoder.max_batch_tokens}
-    for length in cfg["lengths"]:
-        texts = random_texts([length] * max(1, cfg["tokens_per_round"] // length), seed=length)
+def throughput(encoder: Encoder, cfg: Mode) -> dict:
+    out: dict[str, Any] = {"max_batch_tokens": encoder.max_batch_tokens}
+    for length in cfg.lengths:
+        texts = random_texts([length] * max(1, cfg.tokens_per_round // length), seed=length)
         out[f"{length}_tokens"] = tokens_per_second(encoder, texts, cfg)
     return out
 
 
-def mixed_throughput(encoder: Encoder, cfg: dict) -> dict:
+def mixed_throughput(encoder: Encoder, cfg: Mode) -> dict:
     """Lengths log-uniform from 8 to 2048 tokens: queries, passages and documents together."""
     rng = np.random.default_rng(1)
     lengths, total = [], 0
-    while total < cfg["tokens_per_round"]:
+    while total < cfg.tokens_per_round:
         lengths.append(int(np.exp(rng.uniform(np.log(8), np.log(2048)))))
         total += lengths[-1]
     out = tokens_per_second(encoder, random_texts(lengths, seed=2), cfg)
@@ -284,7 +312,7 @@ def mixed_throughput(encoder: Encoder, cfg: dict) -> dict:
     return out
 
 
-def mixed_throughput_padded(encoder: Encoder, cfg: dict) -> dict:
+def mixed_throughput_padded(encoder: Encoder, cfg: Mode) -> dict:
     """The same mixed lengths in padded batches (what the GPU ran before packing), for comparison."""
     packed = encoder.packed
     encoder.packed = False
@@ -294,8 +322,8 @@ def mixed_throughput_padded(encoder: Encoder, cfg: dict) -> dict:
         encoder.packed = packed
 
 
-def long_input(encoder: Encoder, cfg: dict) -> dict:
-    ids = random_texts([cfg["long_tokens"]], seed=3)
+def long_input(encoder: Encoder, cfg: Mode) -> dict:
+    ids = random_texts([cfg.long_tokens], seed=3)
     runs = []
     for _ in range(2):  # the first run pays for new shapes
         if encoder.device.type == "cuda":
@@ -303,63 +331,56 @@ def long_input(encoder: Encoder, cfg: dict) -> dict:
         t0 = time.perf_counter()
         encoder.embed_token_ids(ids)
         seconds = time.perf_counter() - t0
-        run = {"seconds": round(seconds, 3), "tokens_per_s": round(cfg["long_tokens"] / seconds)}
+        run = {"seconds": round(seconds, 3), "tokens_per_s": round(cfg.long_tokens / seconds)}
         if encoder.device.type == "cuda":
             run["peak_memory_allocated_gib"] = round(torch.cuda.max_memory_allocated(encoder.device) / 2**30, 3)
         runs.append(run)
-    return {"tokens": cfg["long_tokens"], "runs": runs}
+    return {"tokens": cfg.long_tokens, "runs": runs}
 
 
-def scheduler_latency(encoder: Encoder, model_dir: Path, cfg: dict) -> dict:
+def scheduler_latency(encoder: Encoder, model_dir: Path, cfg: Mode) -> dict:
     """Queries (interactive, ~20 tokens) at a steady rate, alone and while bulk clients keep the replica full."""
     config = ServiceConfig(model=str(model_dir))
     queries = random_texts([20] * 10_000, seed=4)
     bulk_request = random_texts([512] * 16, seed=5)
+    bulk_tokens = sum(len(t) for t in bulk_request)
 
     async def measure(bulk_clients: int) -> dict:
         batcher = TokenBudgetBatcher.for_encoder(encoder, config)
-        stop = asyncio.Event()
-        bulk_tokens = 0
 
-        async def bulk_client():
-            nonlocal bulk_tokens
-            while not stop.is_set():
-                await batcher.embed(bulk_request, "bulk")
-                bulk_tokens += sum(len(t) for t in bulk_request)
+        async def query(i: int) -> int:
+            await batcher.embed([queries[i % len(queries)]], "interactive")
+            return len(queries[i % len(queries)])
 
-        async def query(ids) -> float:
-            t0 = time.perf_counter()
-            await batcher.embed([ids], "interactive")
-            return time.perf_counter() - t0
+        async def bulk(_: int) -> int:
+            await batcher.embed(bulk_request, "bulk")
+            return bulk_tokens
 
-        clients = [asyncio.create_task(bulk_client()) for _ in range(bulk_clients)]
-        await asyncio.sleep(0.5 if bulk_clients else 0)  # the bulk backlog builds up first
-        started, sent = time.perf_counter(), []
-        for ids in queries:
-            if time.perf_counter() - started >= cfg["scheduler_s"]:
-                break
-            sent.append(asyncio.create_task(query(ids)))
-            await asyncio.sleep(1 / cfg["queries_per_s"])
-        latencies = sorted(await asyncio.gather(*sent))
-        seconds = time.perf_counter() - started
-        stop.set()
-        await asyncio.gather(*clients)
+        run = await queries_under_bulk_load(
+            query,
+            bulk,
+            bulk_clients,
+            query_interval_s=1 / cfg.queries_per_s,
+            duration_s=cfg.scheduler_s,
+            warm_up_s=0.5 if bulk_clients else 0.0,  # the bulk backlog builds up first
+        )
         batcher.close()
+        latencies = run.query_latencies_s
         return {
             "queries": len(latencies),
-            "query_p50_ms": round(1000 * float(np.percentile(latencies, 50)), 2),
-            "query_p95_ms": round(1000 * float(np.percentile(latencies, 95)), 2),
-            "query_max_ms": round(1000 * latencies[-1], 2),
-            "bulk_tokens_per_s": round(bulk_tokens / seconds),
+            "query_p50_ms": round(1000 * percentile(latencies, 50), 2),
+            "query_p95_ms": round(1000 * percentile(latencies, 95), 2),
+            "query_max_ms": round(1000 * max(latencies), 2),
+            "bulk_tokens_per_s": round(run.bulk_tokens_per_s),
             "preemptions": batcher.stats.preemptions,
             "batches": batcher.stats.batches,
             "interactive_batch_tokens": batcher.interactive_batch_tokens,
         }
 
     return {
-        "queries_per_s": cfg["queries_per_s"],
+        "queries_per_s": cfg.queries_per_s,
         "idle": asyncio.run(measure(0)),
-        "under_bulk_load": asyncio.run(measure(cfg["bulk_clients"])),
+        "under_bulk_load": asyncio.run(measure(cfg.bulk_clients)),
     }
 
 
@@ -378,8 +399,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     mode = "smoke" if args.smoke else "gpu"
     cfg = MODES[mode]
-    report = Report(args.out, args.budget_s or cfg["budget_s"])
-    device = torch.device(cfg["device"])
+    report = Report(args.out, args.budget_s or cfg.budget_s)
+    device = torch.device(cfg.device)
     if device.type == "cuda" and not torch.cuda.is_available():
         report.data["fatal"] = "no CUDA device visible to torch; use --smoke for the CPU run"
         report.write()
@@ -387,18 +408,18 @@ def main(argv: list[str] | None = None) -> int:
     report.section("environment", lambda: environment(device, mode, args.commit))
 
     with tempfile.TemporaryDirectory(prefix="kalm-gpu-check-") as tmp:
-        model_dir = args.model_dir or Path(tmp) / f"standin-{cfg['size']}"
+        model_dir = args.model_dir or Path(tmp) / f"standin-{cfg.size}"
 
         def build() -> dict:
             if args.model_dir is None:
-                write_standin(model_dir, size=cfg["size"], append_eos=True, seed=0)
+                write_standin(model_dir, size=cfg.size, append_eos=True, seed=0)
             return {"model_dir": str(model_dir), "random_weights": read_model_files(model_dir).is_standin}
 
         report.section("model", build)
         loaded: dict = {}
 
         def load() -> dict:
-            loaded["encoder"] = encoder = Encoder.from_pretrained(model_dir, device=device, dtype=cfg["dtype"])
+            loaded["encoder"] = encoder = Encoder.from_pretrained(model_dir, device=device, dtype=cfg.dtype)
             return {"dtype": dtype_name(encoder.dtype), "max_batch_tokens": encoder.max_batch_tokens}
 
         report.section("load", load)
@@ -428,9 +449,7 @@ def main(argv: list[str] | None = None) -> int:
                 needs_s=20 if mode == "gpu" else 3,
             )
         report.section("long_input", lambda: long_input(encoder, cfg), needs_s=30 if mode == "gpu" else 3)
-        report.section(
-            "scheduler", lambda: scheduler_latency(encoder, model_dir, cfg), needs_s=2 * cfg["scheduler_s"] + 5
-        )
+        report.section("scheduler", lambda: scheduler_latency(encoder, model_dir, cfg), needs_s=2 * cfg.scheduler_s + 5)
     failed = [name for name, s in report.data["sections"].items() if not s["ok"]]
     report.data["failed_sections"] = failed
     report.write()

@@ -109,8 +109,9 @@ class ServiceConfig(BaseModel):
     max_batch_tokens: int | None = Field(
         None,
         gt=0,
-        description="Token budget of one forward pass; default 512 on CPU (one batch of KaLM "
-        "on 2 cores: ~1.2 s in bf16, ~3 s in fp32; texts packed end to end, no padding), 16384 on CUDA "
+        description="Token budget of one forward pass; default 512 on CPU (texts packed end to end, no "
+        "padding; a bigger budget makes queries wait longer and gains no throughput there: "
+        "docs/measurements/2026-11-30-engine-cpu.md), 16384 on CUDA "
         "(packed too; models other than Qwen2 pad: longest length x rows).",
     )
     max_batch_wait_ms: float = Field(
@@ -141,9 +142,9 @@ class ServiceConfig(BaseModel):
         None,
         gt=0,
         description="Token budget of a batch led by interactive requests (topped up with bulk "
-        "inputs), at most max_batch_tokens; default 384 on CPU (~0.9 s in bf16 on 2 cores), max_batch_tokens "
-        "on CUDA. Lower it where such a batch takes longer than queries may wait (fp32 CPUs: ~192), at "
-        "some cost in throughput.",
+        "inputs), at most max_batch_tokens; default 384 on CPU, max_batch_tokens on CUDA. Lower it where "
+        "such a batch takes longer than queries may wait (fp32 CPUs: ~192), at some cost in throughput "
+        "(batch times and the trade: docs/measurements/2026-11-27-priority-scheduling.md).",
     )
     interactive_max_share: float = Field(
         0.5,

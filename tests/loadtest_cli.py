@@ -1,4 +1,4 @@
-"""Run the load test as a user does (`python loadtest/run.py ...`) and read what it wrote."""
+"""Run the load test as a user does (`python -m loadtest.run ...`) and read what it wrote."""
 
 from __future__ import annotations
 
@@ -9,12 +9,10 @@ from pathlib import Path
 
 from tests.service_harness import ROOT
 
-RUNNER = ROOT / "loadtest" / "run.py"
-
 
 def run_loadtest(host: str, out: Path, *args: str, timeout: float = 120) -> tuple[int, dict, str]:
     proc = subprocess.run(
-        [sys.executable, str(RUNNER), "--host", host, "--out", str(out), "--quiet", *args],
+        [sys.executable, "-m", "loadtest.run", "--host", host, "--out", str(out), "--quiet", *args],
         cwd=ROOT,
         capture_output=True,
         text=True,

@@ -1,34 +1,35 @@
-"""Start a real Ray cluster (one or several raylets on this machine) and the real service.
+"""Start a real Ray cluster (one or several raylets on this machine) and the real service, load it, watch it.
 
 The service is started exactly as a user does: ``serve run cluster/config.yaml``,
 with only the HTTP port changed so tests never clash with a server on 8000.
 Everything started here is stopped again; no process is left behind.
+
+Beside starting things: client threads that keep the service busy (:class:`Load`), Serve's own view
+of the replicas (:func:`serve_details`, :func:`replicas`, :func:`encoder_stats`) and
+:func:`wait_for`, for what a cluster does in its own time.
 """
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import os
 import secrets
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 
 import httpx
 import yaml
 
+from serve_app.testing.ray_cluster import free_port, start_cluster
+
 ROOT = Path(__file__).resolve().parents[1]
 CONFIG = ROOT / "cluster" / "config.yaml"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @contextlib.contextmanager
@@ -68,8 +69,6 @@ def ray_auth_env():
 def local_cluster(head_cpus: int = 2, workers: list[dict] | None = None, **head_args):
     """A Ray cluster of a head (``head_args``: more ``add_node`` args) and ``workers`` (each a dict of
     ``add_node`` args) on this machine; stopped afterwards, with every process it started."""
-    from serve_app.testing.ray_cluster import start_cluster
-
     with ray_auth_env():
         temp_dir = tempfile.mkdtemp(prefix="rt", dir="/tmp")  # short: Ray's socket paths have a length limit
         cluster = start_cluster(
@@ -89,6 +88,19 @@ def local_cluster(head_cpus: int = 2, workers: list[dict] | None = None, **head_
         finally:
             cluster.shutdown()
             kill_processes_mentioning(temp_dir)
+
+
+@contextlib.contextmanager
+def ray_driver(address: str, **init_args):
+    """This process as a driver on the Ray cluster at ``address`` for the block (``init_args``: more
+    ``ray.init`` args); disconnected afterwards."""
+    import ray
+
+    ray.init(address=address, **init_args)
+    try:
+        yield
+    finally:
+        ray.shutdown()
 
 
 class ServeProcess:
@@ -209,6 +221,24 @@ class ServeProcess:
         self.stop()
 
 
+@contextlib.contextmanager
+def serve_on_cluster(cluster_address: str, model_dir: Path, deployment_overrides: dict, **config_overrides):
+    """``serve run`` of cluster/config.yaml onto a running cluster that this process is a driver of
+    (``ray.init(address=...)``), so that :func:`serve_details` and handles see this run's Serve."""
+    from ray.serve import context
+
+    context._set_global_client(None)  # each `serve run` brings (and takes down) its own Serve instance
+    with ServeProcess(
+        model_dir,
+        cluster_address=cluster_address,
+        env={"RAY_DEDUP_LOGS": "0"},  # every replica's log lines, as written: tests read them
+        config_overrides=config_overrides,
+        deployment_overrides=deployment_overrides,
+    ) as svc:
+        yield svc
+    context._set_global_client(None)
+
+
 def kill_processes_mentioning(marker: str, timeout_s: float = 30) -> None:
     """Stop what is left of a Ray instance: its daemons name their temp dir on the command line."""
     import psutil
@@ -221,3 +251,89 @@ def kill_processes_mentioning(marker: str, timeout_s: float = 30) -> None:
     for p in alive:
         with contextlib.suppress(psutil.Error):
             p.kill()
+
+
+# --- Serve's view, from a driver on the service's cluster ---------------------------------------
+
+
+def serve_details() -> dict:
+    """Serve's own view (what `serve status` / the dashboard show): replicas with node and pid, proxies."""
+    from ray.serve.context import _get_global_client
+
+    return _get_global_client().get_serve_details()
+
+
+def replicas(deployment: str, state: str = "RUNNING", app: str = "kalm") -> list[dict]:
+    """The replicas of ``deployment`` in ``state``, each as Serve describes it (``replica_id``, ``node_id``, ...)."""
+    deployments = serve_details()["applications"][app]["deployments"]
+    return [r for r in deployments[deployment]["replicas"] if r["state"] == state]
+
+
+def encoder_stats(expect: int, calls: int = 48) -> dict[str, dict]:
+    """KalmEncoder.stats() of every running replica, by replica id (many concurrent calls reach them all)."""
+    from ray import serve
+
+    handle = serve.get_deployment_handle("KalmEncoder", app_name="kalm")
+    seen: dict[str, dict] = {}
+    try:
+        for _ in range(10):
+            for s in [r.result() for r in [handle.stats.remote() for _ in range(calls)]]:
+                seen[s["replica"]] = s
+            if len(seen) >= expect:
+                break
+    finally:
+        handle.shutdown()  # else its router keeps pushing metrics from this process after the cluster is gone
+    return seen
+
+
+# --- load and waiting ----------------------------------------------------------------------------
+
+
+class Load:
+    """Client threads sending the same request back to back; every answer is kept."""
+
+    def __init__(self, url: str, body: dict, threads: int, timeout_s: float = 120):
+        self.url, self.body, self.n, self.timeout_s = url, body, threads, timeout_s
+        self.results: list[tuple[float, int, float]] = []  # (start, status, seconds)
+        self.failures: list[str] = []
+        self._stop = threading.Event()
+        self._threads: list[threading.Thread] = []
+
+    def _run(self) -> None:
+        with httpx.Client(timeout=self.timeout_s) as client:
+            while not self._stop.is_set():
+                t0 = time.monotonic()
+                try:
+                    resp = client.post(self.url, json=self.body)
+                    status = resp.status_code
+                    if status != 200:
+                        self.failures.append(f"{status}: {resp.text[:300]}")
+                except httpx.HTTPError as exc:
+                    status = -1
+                    self.failures.append(repr(exc))
+                self.results.append((t0, status, time.monotonic() - t0))
+
+    def __enter__(self) -> Load:
+        self._threads = [threading.Thread(target=self._run, daemon=True) for _ in range(self.n)]
+        for t in self._threads:
+            t.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        for t in self._threads:
+            t.join(self.timeout_s + 10)
+
+    def statuses(self) -> dict[int, int]:
+        return dict(collections.Counter(status for _, status, _ in self.results))
+
+
+def wait_for(predicate, timeout_s: float, every_s: float = 0.5, what: str = "condition"):
+    """``predicate()``'s first true value, asked every ``every_s``; fails after ``timeout_s`` naming ``what``."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(every_s)
+    raise AssertionError(f"timed out after {timeout_s:.0f}s waiting for {what}")

@@ -1,30 +1,17 @@
-"""loadtest/benchmark.py against any OpenAI-compatible server: plain fields, tokens counted locally."""
+"""The benchmark (`python -m loadtest.benchmark`) against any OpenAI-compatible server: plain fields, tokens counted locally."""
 
 from __future__ import annotations
 
 import asyncio
 import base64
-import importlib.util
 import json
-import sys
 
 import httpx
 import numpy as np
 
+from loadtest.benchmark_targets import Served, count_tokens
+from loadtest.benchmark_workload import Request, make_side_by_side_workload
 from serve_app.core.tokenization import TextTokenizer
-from tests.service_harness import ROOT
-
-
-def _load(name: str, path):
-    spec = importlib.util.spec_from_file_location(name, path)
-    module = sys.modules[name] = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-# benchmark.py imports its neighbour `traffic` as a script would; loaded by path, like test_loadtest.py does.
-_load("traffic", ROOT / "loadtest" / "traffic.py")
-benchmark = _load("loadtest_benchmark", ROOT / "loadtest" / "benchmark.py")
 
 
 def fake_server(bodies: list[dict]) -> httpx.MockTransport:
@@ -41,22 +28,20 @@ def fake_server(bodies: list[dict]) -> httpx.MockTransport:
 
 
 def test_side_by_side_workload_is_60_queries_and_15_requests_of_4_passages():
-    workload = benchmark.make_side_by_side_workload(seed=0)
+    workload = make_side_by_side_workload(seed=0)
     queries = [r for r in workload if r.kind == "query"]
     passages = [r for r in workload if r.kind == "passages"]
     assert len(queries) == 60 and all(len(r.texts) == 1 and r.instruction for r in queries)
     assert len(passages) == 15 and all(len(r.texts) == 4 and r.instruction is None for r in passages)
-    assert workload == benchmark.make_side_by_side_workload(seed=0)
+    assert workload == make_side_by_side_workload(seed=0)
 
 
 def test_plain_openai_requests_carry_the_instruction_in_the_text(tiny_model_dir):
     tokenizer = TextTokenizer.from_dir(tiny_model_dir)
-    query = benchmark.Request("query", ("what is ray serve?",), "Given a query, retrieve documents")
-    passages = benchmark.Request("passages", ("Ray Serve is a library.", "Another passage."))
+    query = Request("query", ("what is ray serve?",), "Given a query, retrieve documents")
+    passages = Request("passages", ("Ray Serve is a library.", "Another passage."))
     bodies: list[dict] = []
-    served = benchmark.Served(
-        "http://peer", "m", None, None, tokenizer, plain_openai=True, transport=fake_server(bodies)
-    )
+    served = Served("http://peer", "m", None, None, tokenizer, plain_openai=True, transport=fake_server(bodies))
 
     async def calls():
         return await served.call(query, priority="interactive"), await served.call(passages)
@@ -68,14 +53,14 @@ def test_plain_openai_requests_carry_the_instruction_in_the_text(tiny_model_dir)
     # counted here, with the model's tokenizer, not taken from the server's usage
     assert query_tokens == len(tokenizer.encode_texts(bodies[0]["input"])[0].ids)
     assert passage_tokens == sum(len(t.ids) for t in tokenizer.encode_texts(bodies[1]["input"]))
-    assert query_tokens == benchmark.count_tokens(tokenizer, query) > 1
+    assert query_tokens == count_tokens(tokenizer, query) > 1
 
 
 def test_extension_requests_send_instruction_and_priority_fields(tiny_model_dir):
     bodies: list[dict] = []
-    served = benchmark.Served(
+    served = Served(
         "http://ours", "m", None, None, TextTokenizer.from_dir(tiny_model_dir), transport=fake_server(bodies)
     )
-    asyncio.run(served.call(benchmark.Request("query", ("hello",), "Find it"), priority="interactive"))
+    asyncio.run(served.call(Request("query", ("hello",), "Find it"), priority="interactive"))
     assert bodies[0]["input"] == ["hello"]
     assert bodies[0]["instruction"] == "Find it" and bodies[0]["priority"] == "interactive"

@@ -29,17 +29,14 @@ import pytest
 from serve_app.core.checkpoint import KALM_QUERY_INSTRUCTION
 from serve_app.corpus import CorpusOptions, cli, embed_corpus
 from serve_app.corpus.benchmark import benchmark
-from serve_app.corpus.io import (
-    INDEX_STRIDE,
-    Columns,
-    done_parts,
-    list_inputs,
-    make_plan,
-    read_part,
-    scan_file,
-)
+from serve_app.corpus.files import list_inputs
 from serve_app.corpus.job import default_rows_per_part
+from serve_app.corpus.output import done_parts
+from serve_app.corpus.parts import read_part
 from serve_app.corpus.pipeline import tokenize
+from serve_app.corpus.plan import make_plan
+from serve_app.corpus.records import Columns
+from serve_app.corpus.scanning import INDEX_STRIDE, scan_file
 from serve_app.errors import CorpusError
 from tests.service_harness import ROOT, local_cluster
 
@@ -147,10 +144,11 @@ def test_uri_inputs_and_outputs(monkeypatch):
     """Inputs and outputs behind a URI (s3://, gs://, ...): here pyarrow's in-memory mock filesystem."""
     import pyarrow.fs as pafs
 
-    from serve_app.corpus import io as corpus_io
+    from serve_app.corpus import files, output
+    from serve_app.corpus.plan import Plan
 
     fs = pafs._MockFileSystem()
-    monkeypatch.setattr(corpus_io, "_from_uri", lambda uri: (fs, uri.split("://", 1)[1].strip("/")))
+    monkeypatch.setattr(files, "_from_uri", lambda uri: (fs, uri.split("://", 1)[1].strip("/")))
     fs.create_dir("bucket/in/sub")
     for name, first in (("bucket/in/a.jsonl", 0), ("bucket/in/sub/b.jsonl", 3)):
         with fs.open_output_stream(name) as f:
@@ -159,10 +157,10 @@ def test_uri_inputs_and_outputs(monkeypatch):
     assert [f.uri for f in files] == ["mock:///bucket/in/a.jsonl", "mock:///bucket/in/sub/b.jsonl"]
     plan = plan_for("mock:///bucket/in", rows_per_part=4)
     assert read_all(plan)[:2] == ([0, 1, 2, 3, 4, 5], [f"t{i}" for i in range(6)])
-    corpus_io.write_atomically("mock:///bucket/out/part-00000001.parquet", pa.BufferOutputStream().getvalue())
-    corpus_io.write_json("mock:///bucket/out/_corpus.json", plan.to_json())
-    assert corpus_io.done_parts("mock:///bucket/out") == {1}
-    assert corpus_io.Plan.from_json(corpus_io.read_json("mock:///bucket/out/_corpus.json")).rows == 6
+    output.write_atomically("mock:///bucket/out/part-00000001.parquet", pa.BufferOutputStream().getvalue())
+    output.write_json("mock:///bucket/out/_corpus.json", plan.to_json())
+    assert output.done_parts("mock:///bucket/out") == {1}
+    assert Plan.from_json(output.read_json("mock:///bucket/out/_corpus.json")).rows == 6
 
 
 def test_ids_come_from_one_place(tmp_path):
@@ -336,32 +334,9 @@ def cluster():
             ray.shutdown()
 
 
-def run_job(cluster, model_dir, inp, out, *args) -> dict:
-    code = cli.main(
-        [
-            "--input",
-            str(inp),
-            "--output",
-            str(out),
-            "--model",
-            str(model_dir),
-            "--address",
-            cluster.address,
-            "--progress-interval",
-            "1",
-            *args,
-        ]
-    )
-    summary = json.loads((Path(out) / "_summary.json").read_text())
-    assert code == 0 and summary["complete"], summary
-    return summary
-
-
-def command(cluster, model_dir, inp, out, *args) -> list[str]:
+def job_args(cluster, model_dir, inp, out, *args) -> list[str]:
+    """The corpus job's command line against the test cluster."""
     return [
-        sys.executable,
-        "-m",
-        "serve_app.corpus",
         "--input",
         str(inp),
         "--output",
@@ -374,6 +349,17 @@ def command(cluster, model_dir, inp, out, *args) -> list[str]:
         "1",
         *args,
     ]
+
+
+def run_job(cluster, model_dir, inp, out, *args) -> dict:
+    code = cli.main(job_args(cluster, model_dir, inp, out, *args))
+    summary = json.loads((Path(out) / "_summary.json").read_text())
+    assert code == 0 and summary["complete"], summary
+    return summary
+
+
+def command(cluster, model_dir, inp, out, *args) -> list[str]:
+    return [sys.executable, "-m", "serve_app.corpus", *job_args(cluster, model_dir, inp, out, *args)]
 
 
 PARITY_TEXTS = [

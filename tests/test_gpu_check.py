@@ -1,4 +1,4 @@
-"""The prepared GPU check (scripts/gpu_check.py) runs end to end: here in its CPU smoke mode, on the tiny stand-in."""
+"""The prepared GPU check (`python -m scripts.gpu_check`) runs end to end: here in its CPU smoke mode, on the tiny stand-in."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "gpu_check.py"
+ROOT = Path(__file__).resolve().parents[1]
 SECTIONS = [
     "environment",
     "model",
@@ -26,7 +26,8 @@ SECTIONS = [
 def test_smoke_mode_writes_every_section(tiny_model_dir, tmp_path):
     out = tmp_path / "gpu_check.json"
     run = subprocess.run(
-        [sys.executable, str(SCRIPT), "--smoke", "--model-dir", str(tiny_model_dir), "--out", str(out)],
+        [sys.executable, "-m", "scripts.gpu_check", "--smoke", "--model-dir", str(tiny_model_dir), "--out", str(out)],
+        cwd=ROOT,
         capture_output=True,
         text=True,
         timeout=600,

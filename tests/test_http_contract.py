@@ -20,9 +20,9 @@ from ray.exceptions import TaskCancelledError
 from ray.serve.exceptions import BackPressureError
 
 from serve_app.api import protocol
-from serve_app.api.protocol import max_chars_per_token
 from serve_app.errors import OverloadedError
 from serve_app.serve import ingress
+from tests.client_mistakes import CLIENT_MISTAKES, MALFORMED_BODIES, as_sent, over_the_limits
 from tests.http_fakes import FakeEncoder, call_asgi, client_for, fake_vector, make_service
 from tests.openai_errors import assert_openai_error
 
@@ -115,41 +115,14 @@ def test_models_health_and_keys(model_dir):
 
 @pytest.mark.parametrize(
     "body, param, says",
-    [
-        ({"input": "x"}, "model", "missing"),
-        ({"model": "M", "input": ""}, "input", "empty"),
-        ({"model": "M", "input": []}, "input", "empty"),
-        ({"model": "M", "input": ["ok", ""]}, "input", "input[1]"),
-        ({"model": "M", "input": [[]]}, "input", "empty"),
-        ({"model": "M", "input": 42}, "input", "input is an integer"),
-        ({"model": "M", "input": None}, "input", "input is null"),
-        ({"model": "M", "input": [True]}, "input", "input[0] is a boolean"),
-        ({"model": "M", "input": [1.5]}, "input", "input[0] is a number, not a token id"),
-        ({"model": "M", "input": [[[1]]]}, "input", "input[0][0] is a list, not a token id"),
-        ({"model": "M", "input": ["a", 1]}, "input", "input mixes strings with other values: input[1] is an integer"),
-        ({"model": "M", "input": [1, "a"]}, "input", "input[1] is a string, not a token id"),
-        ({"model": "M", "input": [[1], 2]}, "input", "input[1] is an integer"),
-        ({"model": "M", "input": [{"a": 1}]}, "input", "input[0] is an object"),
-        ({"model": "M", "input": "x", "dimensions": 0}, "dimensions", "between 1 and 64"),
-        ({"model": "M", "input": "x", "dimensions": 65}, "dimensions", "between 1 and 64"),
-        ({"model": "M", "input": "x", "dimensions": "8"}, "dimensions", None),
-        ({"model": "M", "input": "x", "encoding_format": "int8"}, "encoding_format", None),
-        ({"model": "M", "input": "x", "input_type": "passage"}, "input_type", None),
-        ({"model": "M", "input": "x", "truncate": "yes"}, "truncate", None),
-        ({"model": "M", "input": "x", "dimension": 8}, "dimension", "unrecognized"),
-        ({"model": "M", "input": [5, 151646]}, "input", "151646"),
-        ({"model": "M", "input": [[5], [-1]]}, "input", "-1"),
-        ({"model": "M", "input": ["x"] * 5}, "input", "at most 4"),
-        ({"model": "M", "input": "x", "instruction": " "}, "instruction", "empty"),
-    ],
+    CLIENT_MISTAKES + over_the_limits(LIMITS["max_inputs_per_request"], LIMITS["max_input_tokens"]),
 )
 def test_client_mistakes_are_400_with_the_field_named(model_dir, body, param, says):
-    if body.get("model") == "M":
-        body = {**body, "model": model_id(model_dir)}
+    body = as_sent(body, model_id(model_dir))
     error_of(run(post(service(model_dir, **LIMITS), body)), 400, param=param, says=says)
 
 
-@pytest.mark.parametrize("raw", [b"{not json", b"[1, 2]", b"", b'"text"', b"\xff\xfe", b"null"])
+@pytest.mark.parametrize("raw", MALFORMED_BODIES)
 def test_malformed_bodies_are_400(model_dir, raw):
     error_of(run(post(service(model_dir), None, raw=raw)), 400)
 
@@ -303,9 +276,8 @@ def test_unexpected_failure_is_500_naming_the_request_id_without_a_trace(model_d
 
 def test_a_text_longer_than_any_limit_can_hold_is_refused_before_tokenising(model_dir, monkeypatch):
     svc = service(model_dir, **LIMITS)
-    assert max_chars_per_token(svc.tokenizer) == 128  # Qwen2's longest token: 128 spaces
-    monkeypatch.setattr(svc.tokenizer, "encode_texts", None)  # tokenising would fail the test
-    monkeypatch.setattr(svc.tokenizer, "tokenizer", None)
+    assert svc.tokenizer.max_chars_per_token == 128  # Qwen2's longest token: 128 spaces
+    monkeypatch.setattr(svc.tokenizer, "tokenizer", None)  # tokenising would fail the test
     err = error_of(run(post(svc, {"model": model_id(model_dir), "input": "x" * 2049})), 400)
     assert "2049 characters" in err["message"] and "limit of 16 tokens" in err["message"]
 
@@ -338,8 +310,10 @@ def test_a_request_stops_tokenising_once_over_its_token_limit(model_dir, monkeyp
     svc = service(model_dir, max_request_tokens=5000)
     texts = ["alpha beta gamma delta epsilon zeta eta theta iota kappa lambda mu " * 3] * 2000  # 400 k characters
     calls: list[int] = []
-    encode_texts = svc.tokenizer.encode_texts
-    monkeypatch.setattr(svc.tokenizer, "encode_texts", lambda t, **k: calls.append(len(t)) or encode_texts(t, **k))
+    encode_batch = svc.tokenizer.tokenizer.encode_batch
+    monkeypatch.setattr(
+        svc.tokenizer.tokenizer, "encode_batch", lambda t, *a, **k: calls.append(len(t)) or encode_batch(t, *a, **k)
+    )
     err = error_of(run(post(svc, {"model": model_id(model_dir), "input": texts})), 400, says="more than")
     assert "at most 5000" in err["message"]
     assert len(calls) == 1 and calls[0] < 2000  # stopped after the first group of texts
@@ -347,7 +321,8 @@ def test_a_request_stops_tokenising_once_over_its_token_limit(model_dir, monkeyp
 
 def test_a_request_with_more_characters_than_its_token_limit_can_hold_is_refused_untokenised(model_dir, monkeypatch):
     svc = service(model_dir, **{**LIMITS, "max_inputs_per_request": 2048})
-    monkeypatch.setattr(svc.tokenizer, "encode_texts", None)
+    assert svc.tokenizer.max_chars_per_token == 128
+    monkeypatch.setattr(svc.tokenizer, "tokenizer", None)  # tokenising would fail the test
     body = {"model": model_id(model_dir), "input": ["alpha beta gamma delta"] * 2000}  # 44 k characters
     err = error_of(run(post(svc, body)), 400, says="44000 characters")
     assert "at most 40 tokens" in err["message"]
@@ -377,7 +352,7 @@ def test_a_large_body_of_numbers_is_counted_before_it_is_parsed(model_dir, monke
 def test_large_requests_take_turns_while_small_ones_pass(model_dir, monkeypatch):
     svc = service(model_dir, max_concurrent_large_requests=1)
     active, most, release = [0], [0], threading.Event()
-    prepare = svc._prepare
+    validate_and_tokenize = svc._validate_and_tokenize
 
     def gated(body):
         active[0] += 1
@@ -385,11 +360,11 @@ def test_large_requests_take_turns_while_small_ones_pass(model_dir, monkeypatch)
         if len(body) > ingress.LARGE_BODY_BYTES:
             release.wait(10)
         try:
-            return prepare(body)
+            return validate_and_tokenize(body)
         finally:
             active[0] -= 1
 
-    monkeypatch.setattr(svc, "_prepare", gated)
+    monkeypatch.setattr(svc, "_validate_and_tokenize", gated)
     big = {"model": model_id(model_dir), "input": ["word " * 1000] * 250, "truncate": True}  # ~1.25 MB
 
     async def go():

@@ -4,9 +4,7 @@ from __future__ import annotations
 
 import base64
 import csv
-import importlib.util
 import json
-import sys
 import threading
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -14,14 +12,12 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 import numpy as np
 import pytest
 
+# The traffic and its checks are plain Python: no locust here, so no gevent patching of this process.
+from loadtest.answers import check_answer
+from loadtest.request_mix import PlannedRequest, RequestFactory
+from loadtest.settings import Settings, parse_mix, parse_range
+from loadtest.texts import Corpus
 from tests.loadtest_cli import run_loadtest
-from tests.service_harness import ROOT
-
-# loadtest/traffic.py is plain Python (no locust, so no gevent patching of this process);
-# loaded by path so that loadtest/ need not be on sys.path for the whole session.
-_spec = importlib.util.spec_from_file_location("loadtest_traffic", ROOT / "loadtest" / "traffic.py")
-traffic = sys.modules["loadtest_traffic"] = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(traffic)
 
 # --- a fake OpenAI-style server, right or wrong on purpose ------------------------------------------
 
@@ -133,7 +129,7 @@ class FakeEmbeddings:
 
 
 def planned(n=2, dim=4, encoding="float"):
-    return traffic.PlannedRequest("docs", {}, n, dim, encoding)
+    return PlannedRequest("docs", {}, n, dim, encoding)
 
 
 def answer(vectors, encoding="float", tokens=10):
@@ -149,7 +145,7 @@ UNIT = [[1, 0, 0, 0], [0, 0.6, 0.8, 0]]
 
 @pytest.mark.parametrize("encoding", ["float", "base64"])
 def test_check_answer_accepts_right_and_names_wrong(encoding):
-    check = traffic.check_answer
+    check = check_answer
     ok = check(200, {}, answer(UNIT, encoding), planned(encoding=encoding))
     assert ok.ok and ok.tokens == 10
     assert check(200, {}, answer(UNIT, encoding), planned(dim=3, encoding=encoding)).outcome == "wrong_dimension"
@@ -169,9 +165,9 @@ def test_check_answer_accepts_right_and_names_wrong(encoding):
 def test_workload_is_seeded_multilingual_and_sized(tiny_model_dir):
     from tokenizers import Tokenizer
 
-    a = traffic.Corpus.generate(7, (5, 30), (100, 400), n_queries=300, n_passages=200)
-    assert a == traffic.Corpus.generate(7, (5, 30), (100, 400), n_queries=300, n_passages=200)
-    assert a != traffic.Corpus.generate(8, (5, 30), (100, 400), n_queries=300, n_passages=200)
+    a = Corpus.generate(7, (5, 30), (100, 400), n_queries=300, n_passages=200)
+    assert a == Corpus.generate(7, (5, 30), (100, 400), n_queries=300, n_passages=200)
+    assert a != Corpus.generate(8, (5, 30), (100, 400), n_queries=300, n_passages=200)
     text = " ".join(a.queries + a.passages)
     for sample in ("the", "的", "の", "и", "في", "का", "의"):  # Latin, Han, kana, Cyrillic, Arabic, Devanagari, Hangul
         assert sample in text
@@ -181,8 +177,8 @@ def test_workload_is_seeded_multilingual_and_sized(tiny_model_dir):
     assert 4 <= np.percentile(q, 5) and np.percentile(q, 95) <= 36, np.percentile(q, [5, 95])
     assert 80 <= np.percentile(p, 5) and np.percentile(p, 95) <= 440, np.percentile(p, [5, 95])
 
-    s = traffic.Settings(model="m", expected_dim=896, mix={"query": 1, "docs": 1})
-    factory = traffic.RequestFactory(s, a, stream=0)
+    s = Settings(model="m", expected_dim=896, mix={"query": 1, "docs": 1})
+    factory = RequestFactory(s, a, stream=0)
     reqs = [factory.next() for _ in range(400)]
     docs = [r for r in reqs if r.kind == "docs"]
     queries = [r for r in reqs if r.kind == "query"]
@@ -194,14 +190,14 @@ def test_workload_is_seeded_multilingual_and_sized(tiny_model_dir):
 
 
 def test_mix_and_range_parsing():
-    assert traffic.parse_mix("query=9, docs=1") == {"query": 9.0, "docs": 1.0}
-    assert traffic.parse_mix("query") == {"query": 1.0}
-    assert traffic.parse_range("8-64") == (8, 64) and traffic.parse_range("16") == (16, 16)
+    assert parse_mix("query=9, docs=1") == {"query": 9.0, "docs": 1.0}
+    assert parse_mix("query") == {"query": 1.0}
+    assert parse_range("8-64") == (8, 64) and parse_range("16") == (16, 16)
     for bad in ("images=1", "query=0", ""):
         with pytest.raises(ValueError):
-            traffic.parse_mix(bad)
+            parse_mix(bad)
     with pytest.raises(ValueError):
-        traffic.parse_range("64-8")
+        parse_range("64-8")
 
 
 # --- the runner against the fake server ---------------------------------------------------------------

@@ -1,4 +1,7 @@
-"""TokenBudgetBatcher: batching across callers, token budget, interactive-first with ageing."""
+"""TokenBudgetBatcher, the loop: callers, the model thread, preemption, failures, a full queue.
+
+Which work goes next is the lanes' policy, tested on its own in ``test_lanes.py``.
+"""
 
 from __future__ import annotations
 
@@ -9,7 +12,7 @@ import time
 import numpy as np
 import pytest
 
-from serve_app.batching.planning import BatchStats, plan_batches
+from serve_app.batching.planning import BatchStats
 from serve_app.batching.scheduler import TokenBudgetBatcher
 from serve_app.errors import OverloadedError
 
@@ -68,71 +71,6 @@ def run(coro):
     return asyncio.run(coro)
 
 
-def test_plan_batches_fits_budget_and_keeps_long_inputs_alone():
-    lengths = [5, 300, 40, 41, 1000, 39, 7]
-    batches = plan_batches(lengths, max_batch_tokens=128)
-    assert sorted(i for b in batches for i in b) == list(range(len(lengths)))
-    for batch in batches:
-        assert len(batch) == 1 or max(lengths[i] for i in batch) * len(batch) <= 128
-    assert [4] in batches and [1] in batches
-
-
-def test_plan_batches_packed_costs_only_real_tokens():
-    lengths = [5, 300, 40, 41, 1000, 39, 7]
-    batches = plan_batches(lengths, max_batch_tokens=128, packed=True)
-    assert sorted(i for b in batches for i in b) == list(range(len(lengths)))
-    for batch in batches:
-        assert len(batch) == 1 or sum(lengths[i] for i in batch) <= 128
-    assert [2, 3, 5, 6] in [sorted(b) for b in batches]  # 41+40+39+7 = 127: no padding to pay for
-
-
-def test_a_query_batch_is_topped_up_with_bulk_inputs_that_fit():
-    """A query does not run as a tiny forward pass of its own, nor wait for a long one."""
-    model = FakeModel(seconds_per_token=0.0005)
-    batcher = TokenBudgetBatcher(
-        model.start_batch, 4, max_batch_tokens=256, max_batch_wait_s=0, packed=True, interactive_batch_tokens=64
-    )
-
-    async def main():
-        bulk = asyncio.create_task(batcher.embed(inputs(100, 30, 60, 20, 90, first=1), "bulk"))
-        query = asyncio.create_task(batcher.embed(inputs(10, first=900), "interactive"))
-        await query
-        share = batcher.interactive_share()
-        await bulk
-        return share
-
-    share = run(main())
-    first = [len(ids) for ids in model.batches[0]]
-    assert first == [10, 30, 20]  # the query, then bulk inputs in their order that fit 64 tokens
-    assert sorted(len(ids) for b in model.batches[1:] for ids in b) == [60, 90, 100]
-    assert share == pytest.approx(10 / 60, abs=0.02)  # the bulk tokens' compute counts as bulk
-
-
-def test_a_bulk_input_too_long_for_query_batches_still_runs_under_a_stream_of_queries():
-    """Ageing: passed over twice, the oldest bulk input leads the next batch (a query rides in it)."""
-    model = FakeModel()
-    batcher = TokenBudgetBatcher(
-        model.start_batch,
-        4,
-        max_batch_tokens=256,
-        max_batch_wait_s=0,
-        packed=True,
-        interactive_batch_tokens=64,
-        interactive_max_share=0.9,
-    )
-
-    async def main():
-        long = asyncio.create_task(batcher.embed(inputs(200, first=1), "bulk"))  # never fits 64 tokens
-        short = asyncio.create_task(batcher.embed(inputs(*[20] * 6, first=2), "bulk"))  # fits beside a query
-        queries = [asyncio.create_task(batcher.embed(inputs(40, first=10 + k), "interactive")) for k in range(6)]
-        await asyncio.gather(long, short, *queries)
-
-    run(main())
-    batches = [[len(ids) for ids in batch] for batch in model.batches]
-    # the share cap alone would not let it in: queries use 2/3 of the compute, under 0.9
-    assert batches[:3] == [[40, 20], [40, 20], [200, 40]]
-
-
 def test_concurrent_callers_share_batches_and_get_their_own_rows():
     model = FakeModel()
     batcher = TokenBudgetBatcher(model.start_batch, 4, max_batch_tokens=64, max_batch_wait_s=0.05)
@@ -156,19 +94,6 @@ def test_big_request_is_split_and_over_budget_input_runs_alone():
     assert result.vectors[:, 0].tolist() == [8, 8, 8, 8, 8, 8, 100, 8]
     assert [len(b) for b in model.batches if len(b[0]) == 100] == [1]
     assert result.batches >= 3
-
-
-def test_padding_stays_under_the_limit_when_lengths_vary():
-    model = FakeModel()
-    batcher = TokenBudgetBatcher(
-        model.start_batch, 4, max_batch_tokens=2048, max_batch_wait_s=0.01, max_padding_fraction=0.1
-    )
-    rng = np.random.default_rng(0)
-    lengths = rng.integers(100, 400, size=200).tolist()
-    run(batcher.embed([[1] * n for n in lengths], "bulk"))
-    computed = sum(max(map(len, b)) * len(b) for b in model.batches)
-    assert 1 - sum(lengths) / computed <= 0.1
-    assert sum(len(b) for b in model.batches) == 200
 
 
 def test_interactive_query_overtakes_queued_bulk_work():
@@ -215,7 +140,7 @@ def test_bulk_work_keeps_its_share_when_queries_could_fill_the_device():
 
     run(main())
     assert order.index("bulk") <= 2  # not behind all twelve interactive batches
-    assert 0.3 < batcher.interactive_share() < 1.0
+    assert 0.3 < batcher.lanes.interactive_share() < 1.0
 
 
 def test_cancelled_callers_inputs_are_not_computed_and_are_counted_as_dropped():

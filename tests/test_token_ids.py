@@ -11,7 +11,7 @@ import pytest
 import tiktoken.load
 
 from serve_app.api import token_ids
-from serve_app.api.protocol import EmbeddingRequest, validate_request
+from serve_app.api.protocol import EmbeddingRequest, validate_and_tokenize
 from serve_app.config import ServiceConfig
 from serve_app.core.checkpoint import KALM_QUERY_INSTRUCTION, instruction_prompt
 from serve_app.core.tokenization import TextTokenizer
@@ -28,7 +28,7 @@ def tokenizer(tiny_model_dir):
 def prepare(tiny_model_dir, tokenizer, reading: str, **body):
     config = ServiceConfig(model=str(tiny_model_dir), token_id_inputs=reading)
     request = EmbeddingRequest(model=config.model_id, **body)
-    return validate_request(request, config, tokenizer, native_dimensions=64)
+    return validate_and_tokenize(request, config, tokenizer, native_dimensions=64)
 
 
 def test_cl100k_base_loads_from_the_installed_file_without_fetching(monkeypatch):

@@ -1,33 +1,11 @@
 """Dynamic batching across callers under a token budget, with interactive work first.
 
-Every caller's inputs go into one pending pool. The loop repeatedly forms the next
-batch and runs it on a single model thread while it keeps accepting work:
-
-* **Order: two lanes.** Interactive inputs go first, in arrival order, as long as the
-  interactive lane has used less than ``interactive_max_share`` of the recent compute
-  (a decaying window; a batch's time is split between the lanes by their tokens in it);
-  past that share bulk work goes first. So a query never waits behind a bulk backlog,
-  however deep, and bulk work still gets at least ``1 - interactive_max_share`` of the
-  device when queries alone could fill it: nothing starves. Within a lane, first come,
-  first served.
-* **Batch: the head input plus what fits.** Pending inputs are added in that order
-  while the batch's cost fits the budget (packed batches: real tokens; padded ones:
-  longest × rows, and padding under ``max_padding_fraction``). An input longer than the
-  budget runs alone.
-* **A query joins a full batch.** A batch led by interactive work is topped up with
-  pending bulk inputs (in their order, those that fit), so a query is not a tiny,
-  wasteful forward pass of its own: one pass over the weights costs about as much as
-  ~40 tokens of work on CPU. Its budget, ``interactive_batch_tokens``, may be set below
-  ``max_batch_tokens`` where a full batch takes longer than queries may wait.
-* **Fill wait.** A batch below its budget waits at most ``max_batch_wait_s`` (from its
-  head's arrival) for more work.
-* **Preemption between layers.** A running bulk batch stops at the next layer boundary
-  when interactive work arrives that may go first; it resumes from where it stopped
-  once no interactive work is waiting (or the share says bulk's turn).
-* **Ageing.** The oldest pending bulk input, or the oldest paused batch, goes next once
-  ``MAX_PASSED_OVER`` batches have started ahead of it, and is then not preempted
-  (queries still ride in its batch): under a steady stream of queries, a bulk input too
-  long for a query's batch would otherwise wait for a gap that never comes.
+Every caller's inputs go into one pending pool, in two lanes (``batching.lanes``: which
+work goes next, how a batch is formed, ageing). This loop repeatedly asks the lanes for
+the next step and runs each batch on a single model thread while it keeps accepting work.
+A running bulk batch stops at the next layer boundary when the lanes say interactive work
+that just arrived goes first (**preemption between layers**), and goes on later from where
+it stopped. A full queue refuses new work with a Retry-After drawn from recent throughput.
 
 Knows nothing of Ray or HTTP; the encoder replicas wrap it.
 """
@@ -35,11 +13,10 @@ Knows nothing of Ray or HTTP; the encoder replicas wrap it.
 from __future__ import annotations
 
 import asyncio
-import itertools
 import logging
 import time
 from collections import deque
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Protocol
@@ -47,7 +24,8 @@ from typing import Protocol
 import numpy as np
 
 from ..errors import OverloadedError
-from .planning import BatchStats, batch_cost
+from .lanes import Batch, DecayingTotal, Lanes, Resume, Start
+from .planning import BatchStats
 
 log = logging.getLogger(__name__)
 
@@ -61,17 +39,10 @@ class BatchRunner(Protocol):
 
 StartBatch = Callable[[list[list[int]]], BatchRunner]
 
-#: How many pending inputs (in lane order) are looked at when forming one batch.
-SCAN_LIMIT = 4096
-
-#: Ageing: a bulk input, or a paused bulk batch, passed over this many times for
-#: interactive work goes next (queries still ride along), so nothing waits long behind
-#: queries, however steady; long bulk inputs never fit a query's smaller batch otherwise.
-MAX_PASSED_OVER = 2
-
 #: Budget of a batch led by interactive work unless configured (else: max_batch_tokens).
-#: CPU: ~0.9 s of KaLM in bf16 on 2 cores, so a query that arrives while one runs still
-#: finishes in about 2 s; a full 512-token batch is 1.2 s. CUDA: a full batch is milliseconds.
+#: CPU: below a full batch, so a query that arrives while one runs still finishes within
+#: about 2 s on 2 cores (batch times: docs/measurements/2026-11-27-priority-scheduling.md).
+#: CUDA: a full batch takes milliseconds (docs/measurements/2026-11-30-gpu.md).
 DEFAULT_INTERACTIVE_BATCH_TOKENS = {"cpu": 384}
 
 
@@ -93,34 +64,15 @@ class _Call:
     arrived: float
     started: float | None = None
     batches: int = 0
-    cancelled: bool = False
 
 
 @dataclass(eq=False)
-class _Input:
-    ids: list[int]
-    call: _Call
-    index: int
-    interactive: bool
-    taken: bool = False
-    passed_over: int = 0  # batches started while it was the oldest pending bulk input
+class _Run:
+    """A batch's forward pass: made on the model thread when the batch first runs, kept while it is paused."""
 
-
-@dataclass(eq=False)
-class _Job:
-    """A formed batch: its inputs, its lane, and its forward pass."""
-
-    inputs: list[_Input]
-    interactive: bool  # holds interactive work: never preempted
-    interactive_fraction: float  # share of its tokens that are interactive: its compute is split so
-    runner: BatchRunner | None = None  # made on the model thread, when the job first runs
+    batch: Batch[_Call]
+    runner: BatchRunner | None = None
     last_run_s: float = 0.0  # compute time of its latest stretch on the model thread
-    passed_over: int = 0  # while paused: batches started ahead of it
-
-    @property
-    def preemptible(self) -> bool:
-        """Bulk work that has not aged: interactive work may stop it between layers."""
-        return not self.interactive and self.passed_over < MAX_PASSED_OVER
 
 
 @dataclass
@@ -158,27 +110,28 @@ class TokenBudgetBatcher:
     ):
         self._start_batch = start_batch
         self.dimensions = dimensions
-        self.max_batch_tokens = max_batch_tokens
-        self.max_batch_wait_s = max_batch_wait_s
-        self.max_padding_fraction = max_padding_fraction
-        self.packed = packed  # how start_batch lays out a batch; decides what a batch costs
         self.interactive_batch_tokens = min(interactive_batch_tokens or max_batch_tokens, max_batch_tokens)
-        self.interactive_max_share = interactive_max_share
-        self.share_window_s = share_window_s
-        self._compute_s = {True: 0.0, False: 0.0}  # decaying compute seconds per lane (True: interactive)
-        self._compute_at = time.monotonic()
+        now = time.monotonic()
+        self.lanes: Lanes[_Call] = Lanes(
+            max_batch_tokens,
+            self.interactive_batch_tokens,
+            max_batch_wait_s,
+            max_padding_fraction,
+            packed,  # how start_batch lays out a batch; decides what a batch costs
+            interactive_max_share,
+            share_window_s,
+            now,
+        )
         self.max_queued_tokens = max_queued_tokens
         self._on_batch = on_batch
         self._on_drop = on_drop
         # recent throughput for Retry-After: padded tokens and busy seconds, decaying like the lane shares
-        self._recent = {"tokens": 0.0, "busy_s": 0.0}
-        self._recent_at = time.monotonic()
-        self._interactive: deque[_Input] = deque()
-        self._bulk: deque[_Input] = deque()
+        self._recent_tokens = DecayingTotal(share_window_s, now)
+        self._recent_busy_s = DecayingTotal(share_window_s, now)
         self.queued_tokens = 0
         self.stats = SchedulerStats()
-        self._paused: list[_Job] = []
-        self._running: _Job | None = None
+        self._paused_runs: dict[Batch[_Call], _Run] = {}
+        self._running: Batch[_Call] | None = None
         self._preempt = False  # read by the model thread between layers
         self._wakeup = asyncio.Event()  # one per event loop: _ensure_loop makes a new one with the loop task
         self._loop_task: asyncio.Task | None = None
@@ -229,11 +182,9 @@ class TokenBudgetBatcher:
             now,
         )
         interactive = priority == "interactive"
-        lane = self._interactive if interactive else self._bulk
-        for i, ids in enumerate(token_ids):
-            lane.append(_Input(list(ids), call, i, interactive))
+        self.lanes.add(call, token_ids, interactive, now)
         self.queued_tokens += n_tokens
-        if interactive and self._running is not None and self._running.preemptible and self._interactive_turn():
+        if interactive and self.lanes.preempts(self._running):
             self._preempt = True
         self._wakeup.set()
         try:
@@ -251,32 +202,19 @@ class TokenBudgetBatcher:
         Not the average since start: after a restart that comes from a few tiny batches and
         says hours. The HTTP layer clamps what it sends as Retry-After.
         """
-        if not self._recent["busy_s"] or not self._recent["tokens"]:
+        if not self._recent_busy_s.value or not self._recent_tokens.value:
             return 1.0
-        return self.queued_tokens / (self._recent["tokens"] / self._recent["busy_s"])
-
-    @property
-    def queued_inputs(self) -> int:
-        return sum(1 for _ in self._live(self._interactive)) + sum(1 for _ in self._live(self._bulk))
+        return self.queued_tokens / (self._recent_tokens.value / self._recent_busy_s.value)
 
     def _drop(self, call: _Call) -> None:
         """A cancelled caller's queued inputs are dropped, not computed."""
-        call.cancelled = True
-        dropped = 0
-        for lane in (self._interactive, self._bulk):
-            for item in lane:
-                if item.call is call and not item.taken:
-                    item.taken = True
-                    self.queued_tokens -= len(item.ids)
-                    dropped += 1
-        # let go of their token ids now, not when they would have reached the head of the queue
-        self._interactive = deque(self._live(self._interactive))
-        self._bulk = deque(self._live(self._bulk))
+        dropped = self.lanes.drop(call)
+        self.queued_tokens -= sum(len(item.ids) for item in dropped)
         if dropped:
-            self.stats.dropped_inputs += dropped
+            self.stats.dropped_inputs += len(dropped)
             if self._on_drop is not None:
                 try:
-                    self._on_drop(dropped)
+                    self._on_drop(len(dropped))
                 except Exception:  # metrics must never break cancellation
                     log.exception("drop observer failed")
 
@@ -290,154 +228,77 @@ class TokenBudgetBatcher:
     async def _run_forever(self) -> None:
         loop = asyncio.get_running_loop()
         while True:
-            job = await self._next_job()
-            self._running, self._preempt = job, False
+            run = await self._next_run()
+            batch = run.batch
+            self._running, self._preempt = batch, False
             try:
-                done = await loop.run_in_executor(self._executor, self._run_job, job)
+                done = await loop.run_in_executor(self._executor, self._run_on_model_thread, run)
                 if done:
-                    assert job.runner is not None, "_run_job made it"
-                    vectors, stats = job.runner.result()
+                    assert run.runner is not None, "_run_on_model_thread made it"
+                    vectors, stats = run.runner.result()
             except Exception as exc:  # a failed batch fails its callers, never the loop
-                log.exception("batch of %d inputs failed", len(job.inputs))
-                for call in {item.call for item in job.inputs}:
+                log.exception("batch of %d inputs failed", len(batch.inputs))
+                for call in {item.caller for item in batch.inputs}:
                     if not call.future.done():
                         call.future.set_exception(exc)
                 continue
             finally:
                 self._running = None
-                self._account(job)
+                self.lanes.account(batch, run.last_run_s, time.monotonic())
             if not done:
-                self._paused.append(job)
+                self.lanes.pause(batch)
+                self._paused_runs[batch] = run
                 self.stats.preemptions += 1
                 continue
             self._record(stats)
-            for item, vector in zip(job.inputs, vectors):
-                call = item.call
+            for item, vector in zip(batch.inputs, vectors):
+                call = item.caller
                 call.vectors[item.index] = vector
                 call.remaining -= 1
                 if call.remaining == 0 and not call.future.done():
                     call.future.set_result(None)
-            for call in {item.call for item in job.inputs}:
+            for call in {item.caller for item in batch.inputs}:
                 call.batches += 1
 
-    def _run_job(self, job: _Job) -> bool:
-        """On the model thread: start or resume ``job``; False if it stopped to let other work in."""
-        if job.runner is None:
-            job.runner = self._start_batch([item.ids for item in job.inputs])
-        started = time.perf_counter()
-        try:
-            return job.runner.run(self._should_yield)
-        finally:
-            job.last_run_s = time.perf_counter() - started
-
-    def _should_yield(self) -> bool:
-        return self._preempt
-
-    # --- the lanes ------------------------------------------------------------------
-
-    def _account(self, job: _Job) -> None:
-        """Add the job's last stretch of compute to its lane's decaying total."""
-        now = time.monotonic()
-        decay = 0.5 ** ((now - self._compute_at) / self.share_window_s)
-        self._compute_at = now
-        for lane in self._compute_s:
-            self._compute_s[lane] *= decay
-        self._compute_s[True] += job.last_run_s * job.interactive_fraction
-        self._compute_s[False] += job.last_run_s * (1 - job.interactive_fraction)
-
-    def interactive_share(self) -> float:
-        total = self._compute_s[True] + self._compute_s[False]
-        return self._compute_s[True] / total if total else 0.0
-
-    def _interactive_turn(self) -> bool:
-        """Interactive work may go first: it has used less than its share, or there is no bulk work."""
-        return self.interactive_share() < self.interactive_max_share or not any(self._live(self._bulk))
-
-    def _in_turn_order(self) -> Iterator[_Input]:
-        """Live pending inputs, the lane whose turn it is first, each lane first come first served."""
-        first, second = (self._interactive, self._bulk) if self._interactive_turn() else (self._bulk, self._interactive)
-        return itertools.chain(self._live(first), self._live(second))
-
-    async def _next_job(self) -> _Job:
-        """A paused job when its lane is due, else a new batch."""
+    async def _next_run(self) -> _Run:
+        """What the lanes say runs next: a paused run, or a new batch; waits while nothing is due."""
         while True:
-            self._trim()
-            head = next(self._in_turn_order(), None)
-            # paused jobs are bulk, stopped for interactive work: they go on once none waits, or when aged
-            if self._paused and (
-                head is None or not head.interactive or self._paused[0].passed_over >= MAX_PASSED_OVER
-            ):
-                return self._paused.pop(0)
-            if head is None:
-                self._wakeup.clear()
+            step = self.lanes.next_step(time.monotonic())
+            if isinstance(step, Resume):
+                return self._paused_runs.pop(step.batch)
+            if isinstance(step, Start):
+                self._starting(step.batch)
+                return _Run(step.batch)
+            self._wakeup.clear()
+            if step.seconds is None:
                 await self._wakeup.wait()
                 continue
-            batch, cost, budget = self._select()
-            wait = batch[0].call.arrived + self.max_batch_wait_s - time.monotonic()
-            if cost >= budget * 0.9 or wait <= 0:
-                return self._start(batch)
-            self._wakeup.clear()
             try:
-                await asyncio.wait_for(self._wakeup.wait(), wait)
+                await asyncio.wait_for(self._wakeup.wait(), step.seconds)
             except asyncio.TimeoutError:
                 pass
 
-    def _start(self, batch: list[_Input]) -> _Job:
+    def _starting(self, batch: Batch[_Call]) -> None:
+        """Its inputs leave the queue; callers whose first input this is stop queueing."""
         now = time.monotonic()
-        oldest_bulk = next(self._live(self._bulk), None)
-        for item in batch:
-            item.taken = True
-            if item.call.started is None:
-                item.call.started = now
-                self.stats.longest_queue_s = max(self.stats.longest_queue_s, now - item.call.arrived)
-        tokens = sum(len(item.ids) for item in batch)
-        self.queued_tokens -= tokens
-        if oldest_bulk is not None and not oldest_bulk.taken:
-            oldest_bulk.passed_over += 1
-        if self._paused:
-            self._paused[0].passed_over += 1
-        interactive_tokens = sum(len(item.ids) for item in batch if item.interactive)
-        job = _Job(batch, interactive_tokens > 0, interactive_tokens / tokens if tokens else 0.0)
-        if batch[0].passed_over >= MAX_PASSED_OVER:
-            job.passed_over = batch[0].passed_over  # led by an aged input: runs to the end
-        return job
+        for item in batch.inputs:
+            if item.caller.started is None:
+                item.caller.started = now
+                self.stats.longest_queue_s = max(self.stats.longest_queue_s, now - item.caller.arrived)
+        self.queued_tokens -= sum(len(item.ids) for item in batch.inputs)
 
-    def _select(self) -> tuple[list[_Input], int, int]:
-        """The head input and the inputs that fit with it, in turn order: (batch, cost, budget).
+    def _run_on_model_thread(self, run: _Run) -> bool:
+        """Start or resume ``run``; False if it stopped to let other work in."""
+        if run.runner is None:
+            run.runner = self._start_batch([item.ids for item in run.batch.inputs])
+        started = time.perf_counter()
+        try:
+            return run.runner.run(self._should_yield)
+        finally:
+            run.last_run_s = time.perf_counter() - started
 
-        The head is the first input in turn order, or an aged bulk input (with the full budget).
-        """
-        candidates: Iterator[_Input] = itertools.islice(self._in_turn_order(), SCAN_LIMIT)
-        first = next(candidates)
-        head = first
-        oldest_bulk = next(self._live(self._bulk), None)
-        if first.interactive and oldest_bulk is not None and oldest_bulk.passed_over >= MAX_PASSED_OVER:
-            head, candidates = oldest_bulk, itertools.chain([first], candidates)
-        budget = self.interactive_batch_tokens if head.interactive else self.max_batch_tokens
-        batch, longest, real = [head], len(head.ids), len(head.ids)
-        for item in candidates:
-            if item is head:
-                continue
-            if batch_cost(len(batch) + 1, longest, real + 1, self.packed) > budget:
-                break  # no input, however short, fits any more
-            new_longest = max(longest, len(item.ids))
-            cost = batch_cost(len(batch) + 1, new_longest, real + len(item.ids), self.packed)
-            if cost > budget:
-                continue
-            if 1 - (real + len(item.ids)) / cost > self.max_padding_fraction:
-                continue
-            batch.append(item)
-            longest, real = new_longest, real + len(item.ids)
-        return batch, batch_cost(len(batch), longest, real, self.packed), budget
-
-    @staticmethod
-    def _live(lane: deque) -> Iterator[_Input]:
-        return (item for item in lane if not item.taken)
-
-    def _trim(self) -> None:
-        for lane in (self._interactive, self._bulk):
-            while lane and lane[0].taken:
-                lane.popleft()
+    def _should_yield(self) -> bool:
+        return self._preempt
 
     def _record(self, stats: BatchStats) -> None:
         s = self.stats
@@ -448,10 +309,8 @@ class TokenBudgetBatcher:
         s.busy_s += stats.seconds
         s.last_batches.append(stats)
         now = time.monotonic()
-        decay = 0.5 ** ((now - self._recent_at) / self.share_window_s)
-        self._recent_at = now
-        self._recent["tokens"] = self._recent["tokens"] * decay + stats.padded_tokens
-        self._recent["busy_s"] = self._recent["busy_s"] * decay + stats.seconds
+        self._recent_tokens.add(stats.padded_tokens, now)
+        self._recent_busy_s.add(stats.seconds, now)
         if self._on_batch is not None:
             try:
                 self._on_batch(stats)

@@ -3,9 +3,9 @@
 On CPU the weights are reordered once, at load, into oneDNN's blocked layout and every
 product runs through ``torch.ops.mkldnn._linear_pointwise`` with its epilogue fused:
 SiLU on the gate projection, × the gate on the up projection, + the residual on the
-output and down projections. Measured on a 2-core AVX2 EPYC (fp32): the same GEMM
-speed as MKL's ``F.linear`` on 512-token batches and up to 1.4x on 128-token ones, and
-the fused epilogues save a pass over memory each (docs/measurements/2026-11-30-engine-cpu.md).
+output and down projections: at least as fast as MKL's ``F.linear``, faster on small
+batches, and each fused epilogue saves a pass over memory (figures:
+docs/measurements/2026-11-30-engine-cpu.md).
 Where oneDNN cannot take the weights (CUDA; bf16 on a CPU without AVX512 or AVX-NE-CONVERT)
 the same calls run as ``F.linear`` and one eager op.
 """

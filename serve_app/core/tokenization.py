@@ -13,15 +13,33 @@ tokenizer once.
 
 from __future__ import annotations
 
+import functools
 import json
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal, cast, overload
 
 from tokenizers import Tokenizer
 
 from ..errors import InputTooLongError, InvalidRequestError, TokenIdOutOfRangeError
 from .checkpoint import ModelFiles, instruction_prompt
+
+#: Texts up to this many characters per token of the limit are tokenised whole; a longer one is
+#: tokenised a prefix at a time (4x longer each time) until its tokens pass the limit or it ends.
+#: Ordinary text has 1-8 characters per token, so most inputs are tokenised once.
+FIRST_PREFIX_CHARS_PER_TOKEN = 4
+
+#: Under a request token limit, short texts are tokenised together in groups of about this many
+#: characters, so a request over its limit is refused after about that much extra work.
+GROUP_CHARS = 256 * 1024
+
+#: A prefix is cut before whitespace found in its last this-many characters, so the pieces of text
+#: before the cut are tokenised exactly as in the whole text ...
+CUT_SEARCH_CHARS = 256
+#: ... and only its last pieces may differ: a prefix proves an input too long with this margin.
+CUT_MARGIN_TOKENS = 2
 
 
 @dataclass(frozen=True)
@@ -90,34 +108,164 @@ class TextTokenizer:
 
     # --- texts ---------------------------------------------------------------------
 
+    @functools.cached_property
+    def max_chars_per_token(self) -> int:
+        """The most characters one token can stand for: its longest vocabulary entry.
+
+        A byte-level BPE token of n bytes covers at most n characters (KaLM v2: 128, a run of spaces);
+        added tokens are matched as their text. So a text longer than ``limit x this`` characters has
+        more than ``limit`` tokens and is refused uncounted. (NFC normalisation can merge a letter and
+        its combining marks into one character, which only makes such texts longer in tokens.)
+        """
+        return max(len(token) for token in self.tokenizer.get_vocab(with_added_tokens=True))
+
     def encode_texts(
         self,
         texts: Sequence[str],
         prompt: str = "",
         truncate: bool = False,
     ) -> list[TokenizedInput]:
-        """Tokenise ``prompt + text`` for each text; over-long inputs fail or are cut."""
+        """Tokenise ``prompt + text`` for each text, whole; over-long inputs fail or are cut."""
+        return _raise_too_long(self._encode(texts, prompt, truncate, range(len(texts))))
+
+    @overload
+    def encode_within_limits(
+        self,
+        texts: Sequence[str],
+        prompt: str = ...,
+        truncate: bool = ...,
+        max_request_tokens: int | None = ...,
+        *,
+        keep_too_long: Literal[False] = ...,
+    ) -> list[TokenizedInput]: ...
+
+    @overload
+    def encode_within_limits(
+        self,
+        texts: Sequence[str],
+        prompt: str = ...,
+        truncate: bool = ...,
+        max_request_tokens: int | None = ...,
+        *,
+        keep_too_long: Literal[True],
+    ) -> list[TokenizedInput | InputTooLongError]: ...
+
+    def encode_within_limits(
+        self,
+        texts: Sequence[str],
+        prompt: str = "",
+        truncate: bool = False,
+        max_request_tokens: int | None = None,
+        *,
+        keep_too_long: bool = False,
+    ) -> list[TokenizedInput] | list[TokenizedInput | InputTooLongError]:
+        """Tokenise ``prompt + text`` for each text, no more of it than the limits need.
+
+        Characters first: a text that cannot fit ``max_input_tokens`` is over-long (or, with
+        ``truncate``, cut to what can fit) before tokenising; then tokens: long texts a prefix at a
+        time, and, given ``max_request_tokens`` (all texts together), the texts stop as soon as their
+        running token count passes it. An over-long input raises its ``InputTooLongError`` (the
+        service refuses the request), or with ``keep_too_long`` stands in the list in its place (the
+        corpus job makes it a bad row); either way each text is tokenised once.
+        """
+        limit = self.max_input_tokens
+        max_chars = limit * self.max_chars_per_token
+        out: list[TokenizedInput | InputTooLongError | None] = [None] * len(texts)
         for i, text in enumerate(texts):
+            if not text:
+                raise InvalidRequestError(f"input[{i}] is an empty string", param="input")
+            if len(text) > max_chars and not truncate:
+                out[i] = _too_long(
+                    InputTooLongError(
+                        i,
+                        f"{len(text)} characters (more than any {limit} tokens can hold: a token is at most "
+                        f"{self.max_chars_per_token} characters)",
+                        limit,
+                    ),
+                    keep_too_long,
+                )
+        texts = [text[:max_chars] for text in texts]
+        if max_request_tokens is not None:
+            n_chars = sum(len(text) for text in texts)
+            if n_chars > max_request_tokens * self.max_chars_per_token:
+                raise InvalidRequestError(
+                    f"the request has {n_chars} characters, more than its token limit can hold (a token is at "
+                    f"most {self.max_chars_per_token} characters); at most {max_request_tokens} tokens are "
+                    f"allowed per request: split it",
+                    param="input",
+                )
+
+        todo = [i for i, result in enumerate(out) if result is None]
+        first_prefix = limit * FIRST_PREFIX_CHARS_PER_TOKEN
+        group_chars = GROUP_CHARS if max_request_tokens is not None else math.inf  # groups only stop early
+        n_tokens, start = 0, 0
+        while start < len(todo):
+            if len(texts[todo[start]]) > first_prefix:
+                group = todo[start : start + 1]
+                results = [self._encode_long(group[0], texts[group[0]], prompt, truncate, first_prefix)]
+            else:
+                end, chars = start, 0
+                while end < len(todo) and len(texts[todo[end]]) <= first_prefix and chars < group_chars:
+                    chars += len(texts[todo[end]])
+                    end += 1
+                group = todo[start:end]
+                results = self._encode([texts[i] for i in group], prompt, truncate, group)
+            for i, result in zip(group, results):
+                out[i] = _too_long(result, keep_too_long) if isinstance(result, InputTooLongError) else result
+            start += len(group)
+            n_tokens += sum(len(result.ids) for result in results if isinstance(result, TokenizedInput))
+            if max_request_tokens is not None:
+                check_request_tokens(n_tokens, max_request_tokens, more_than=start < len(todo))
+        return cast("list[TokenizedInput | InputTooLongError]", out)
+
+    def _encode_long(
+        self, index: int, text: str, prompt: str, truncate: bool, first_prefix: int
+    ) -> TokenizedInput | InputTooLongError:
+        """One long text: prefixes of growing length until one has more tokens than the limit."""
+        limit = self.max_input_tokens
+        prefix_chars = first_prefix
+        while prefix_chars < len(text):
+            window = text.rfind(" ", prefix_chars - CUT_SEARCH_CHARS, prefix_chars)
+            prefix = text[: window if window > 0 else prefix_chars]
+            if len(self.tokenizer.encode(prompt + prefix).ids) > limit + CUT_MARGIN_TOKENS:
+                if not truncate:
+                    return InputTooLongError(
+                        index,
+                        f"more than {limit + CUT_MARGIN_TOKENS} tokens (counted in its first {len(prefix)} characters)",
+                        limit,
+                    )
+                return self._encode([prefix], prompt, True, [index])[0]
+            prefix_chars *= 4
+        return self._encode([text], prompt, truncate, [index])[0]
+
+    def _encode(
+        self, texts: Sequence[str], prompt: str, truncate: bool, indexes: Sequence[int]
+    ) -> list[TokenizedInput | InputTooLongError]:
+        """``prompt + text`` for each text, whole, in one batch; ``indexes``: the inputs' numbers, for errors."""
+        for i, text in zip(indexes, texts):
             if not isinstance(text, str):
                 raise InvalidRequestError(f"input[{i}] must be a string", param="input")
             if not text:
                 raise InvalidRequestError(f"input[{i}] is an empty string", param="input")
         full = [prompt + t for t in texts] if prompt else list(texts)
-        out = [TokenizedInput(e.ids) for e in self.tokenizer.encode_batch(full, add_special_tokens=True)]
-        too_long = [i for i, x in enumerate(out) if len(x.ids) > self.max_input_tokens]
-        if too_long and not truncate:
-            first = too_long[0]
-            raise InputTooLongError(first, len(out[first].ids), self.max_input_tokens)
-        if too_long:
-            # Cut as the tokenizer's own truncation does, so special tokens its post-processor adds
-            # are kept: content tokens to the limit minus those, then the post-processor (a copy of
-            # the tokenizer with truncation enabled would cost seconds per request).
-            keep = self.max_input_tokens - self.tokenizer.num_special_tokens_to_add(False)
-            for i in too_long:
-                encoding = self.tokenizer.encode(full[i], add_special_tokens=False)
-                encoding.truncate(keep)
-                out[i] = TokenizedInput(self.tokenizer.post_process(encoding).ids, truncated=True)
+        limit = self.max_input_tokens
+        out: list[TokenizedInput | InputTooLongError] = []
+        for i, text, encoding in zip(indexes, full, self.tokenizer.encode_batch(full, add_special_tokens=True)):
+            if len(encoding.ids) <= limit:
+                out.append(TokenizedInput(encoding.ids))
+            elif truncate:
+                out.append(self._truncated(text))
+            else:
+                out.append(InputTooLongError(i, len(encoding.ids), limit))
         return out
+
+    def _truncated(self, text: str) -> TokenizedInput:
+        """``text`` cut as the tokenizer's own truncation does, so special tokens its post-processor adds
+        are kept: content tokens to the limit minus those, then the post-processor (a copy of the
+        tokenizer with truncation enabled would cost seconds per request)."""
+        encoding = self.tokenizer.encode(text, add_special_tokens=False)
+        encoding.truncate(self.max_input_tokens - self.tokenizer.num_special_tokens_to_add(False))
+        return TokenizedInput(self.tokenizer.post_process(encoding).ids, truncated=True)
 
     # --- token ids -----------------------------------------------------------------
 
@@ -141,6 +289,31 @@ class TextTokenizer:
             else:
                 out.append(TokenizedInput(list(ids)))
         return out
+
+
+def check_request_tokens(n_tokens: int, max_request_tokens: int, more_than: bool = False) -> None:
+    """Refuse a request of more than ``max_request_tokens`` tokens (``more_than``: counting stopped at ``n_tokens``)."""
+    if n_tokens > max_request_tokens:
+        raise InvalidRequestError(
+            f"the request has {'more than ' if more_than else ''}{n_tokens} tokens in total; at most "
+            f"{max_request_tokens} are allowed per request: split it",
+            param="input",
+        )
+
+
+def _too_long(error: InputTooLongError, keep: bool) -> InputTooLongError:
+    """``error``, kept in the results, or raised."""
+    if not keep:
+        raise error
+    return error
+
+
+def _raise_too_long(results: list[TokenizedInput | InputTooLongError]) -> list[TokenizedInput]:
+    """``results``, or the first over-long input's error raised."""
+    for result in results:
+        if isinstance(result, InputTooLongError):
+            raise result
+    return cast("list[TokenizedInput]", results)
 
 
 def load_tokenizer(path: Path) -> Tokenizer:

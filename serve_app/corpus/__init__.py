@@ -8,7 +8,14 @@
 | ``options`` | ``CorpusOptions``: what a job is asked to do, with every default; ``JobSettings``: what fixes the vectors |
 | ``job`` | ``embed_corpus``: planning, resume, joining or starting Ray, the summary |
 | ``pipeline`` | the Ray Data stages: read + tokenise, ``EmbedParts`` actors, writes |
-| ``io`` | the files: listing and reading inputs, the plan, the output folder (no Ray, no model) |
+| ``formats`` | the input formats, and how a file's name tells which (no pyarrow) |
+| ``files`` | local paths and URIs as pyarrow filesystems; ``list_inputs``: the files an input spec names |
+| ``records`` | reading ``(id, text, reason)`` records from each format |
+| ``ids`` | id kinds (integer-like or string), one per corpus |
+| ``scanning`` | ``scan_file``: a file's rows, byte index and columns, for the plan |
+| ``plan`` | ``Plan``: which rows form which part, stored as ``_corpus.json``; resume checks |
+| ``parts`` | ``read_part``: one part's good rows and bad rows with reasons |
+| ``output`` | the output folder: part names, atomic writes, manifest and summary, done parts, counts |
 | ``progress`` | status lines from the first second; ``CorpusSummary`` |
 | ``benchmark`` | the job against sentence-transformers' ``encode`` |
 | ``cli`` | ``python -m serve_app.corpus``: flags to ``CorpusOptions`` |

@@ -14,9 +14,12 @@ import numpy as np
 import pyarrow.parquet as pq
 
 from ..errors import CorpusError
-from .io import MANIFEST, Plan, absolute_uri, join, read_json, read_part
+from .files import absolute_uri, join
 from .job import embed_corpus
 from .options import CorpusOptions
+from .output import MANIFEST, read_json
+from .parts import read_part
+from .plan import Plan
 
 
 def benchmark(options: CorpusOptions, st_batch_size: int = 32) -> dict[str, Any]:

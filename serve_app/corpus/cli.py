@@ -22,7 +22,7 @@ from collections.abc import Iterator
 from dataclasses import replace
 
 from ..errors import KalmServeError
-from .io import FORMATS
+from .formats import FORMATS
 from .job import embed_corpus
 from .options import MAX_ROWS_PER_PART, MIN_ROWS_PER_PART, CorpusOptions
 from .pipeline import configure_logging

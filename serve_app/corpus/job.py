@@ -4,7 +4,7 @@ Checks the model and the options, plans the parts (or reads the plan of an earli
 refuses to go on if the settings or the input changed), starts or joins Ray only when there
 is something to embed, runs :mod:`.pipeline`, and writes ``_summary.json``. Prompts follow the
 HTTP API exactly (``instruction`` / ``input_type``), so queries embedded by the service and
-documents embedded here live in the same space. See :mod:`.io` for the files.
+documents embedded here live in the same space. See :mod:`.plan` and :mod:`.output` for the files.
 """
 
 from __future__ import annotations
@@ -18,27 +18,14 @@ from dataclasses import dataclass
 
 from .. import environment
 from ..errors import CorpusError
-from .io import (
-    MANIFEST,
-    SUMMARY,
-    Columns,
-    InputFile,
-    Plan,
-    absolute_uri,
-    check_unchanged,
-    done_parts,
-    join,
-    list_inputs,
-    make_plan,
-    output_counts,
-    prepare_output,
-    read_json,
-    scan_file,
-    write_json,
-)
+from .files import InputFile, absolute_uri, join, list_inputs
 from .options import MAX_ROWS_PER_PART, MIN_ROWS_PER_PART, CorpusOptions, JobSettings
+from .output import MANIFEST, SUMMARY, done_parts, output_counts, prepare_output, read_json, write_json
 from .pipeline import Actors, build
+from .plan import Plan, check_unchanged, make_plan
 from .progress import CorpusSummary, Progress
+from .records import Columns
+from .scanning import scan_file
 
 log = logging.getLogger("serve_app.corpus")
 

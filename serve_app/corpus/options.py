@@ -9,7 +9,7 @@ from dataclasses import asdict, dataclass
 from typing import Any, Literal
 
 from ..errors import CorpusError
-from .io import FORMATS
+from .formats import FORMATS
 
 #: Rows per part: at most this many, at least MIN_ROWS_PER_PART, else enough parts for 4 per encoder actor.
 MAX_ROWS_PER_PART = 10_000

@@ -29,8 +29,11 @@ import pyarrow.parquet as pq
 
 from .. import environment, placement
 from ..errors import InputTooLongError
-from .io import Plan, bad_rows_name, join, part_name, read_part, write_atomically
+from .files import join
 from .options import CorpusOptions, JobSettings
+from .output import bad_rows_name, part_name, write_atomically
+from .parts import read_part
+from .plan import Plan
 
 if TYPE_CHECKING:
     import ray.data
@@ -91,28 +94,18 @@ def _tokenizer(model: str, max_input_tokens: int | None) -> TextTokenizer:
 
 
 def tokenize(tokenizer: TextTokenizer, texts: list[str], prompt: str, truncate: bool) -> list[Tokenized]:
-    """Token ids per text, or the reason it is a bad row."""
-    if not texts:
-        return []
-    try:
-        return [(t.ids, None) for t in tokenizer.encode_texts(texts, prompt=prompt, truncate=truncate)]
-    except InputTooLongError:
-        pass  # some are too long: find which, keep the rest
+    """Token ids per text, or the reason it is a bad row (found while tokenising: nothing is tokenised again)."""
     out: list[Tokenized] = []
-    for text, t in zip(texts, tokenizer.encode_texts(texts, prompt=prompt, truncate=True)):
-        if not t.truncated:
-            out.append((t.ids, None))
-            continue
-        try:
-            tokenizer.encode_texts([text], prompt=prompt, truncate=False)
-        except InputTooLongError as e:
-            out.append(
-                (
-                    None,
-                    f"over-long: {e.length} tokens, more than the limit of {e.limit} tokens "
-                    f"(--truncate cuts it, --max-tokens sets the limit)",
-                )
+    for t in tokenizer.encode_within_limits(texts, prompt, truncate, keep_too_long=True):
+        if isinstance(t, InputTooLongError):
+            measured = f"{t.length} tokens" if isinstance(t.length, int) else t.length
+            reason = (
+                f"over-long: {measured}, more than the limit of {t.limit} tokens "
+                f"(--truncate cuts it, --max-tokens sets the limit)"
             )
+            out.append((None, reason))
+        else:
+            out.append((t.ids, None))
     return out
 
 

@@ -20,7 +20,8 @@ from typing import Any
 
 import pyarrow as pa
 
-from .io import BAD_ROWS_DIR, join
+from .files import join
+from .output import BAD_ROWS_DIR
 
 PREFIX = "[corpus]"
 

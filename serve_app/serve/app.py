@@ -22,7 +22,7 @@ from ..config import ServiceConfig
 from ..core.checkpoint import read_model_files
 from .autoscaling import encoder_autoscaling_config
 from .ingress import EmbeddingsIngress
-from .replica import KalmEncoder
+from .replica import EncoderReplica
 
 log = logging.getLogger("ray.serve")
 
@@ -44,7 +44,7 @@ def build_app(args: dict | None = None) -> Application:
         ingress,
     )
     # @serve.deployment turns the classes into Deployments; Ray Serve's typing does not say so
-    encoder = KalmEncoder.options(  # type: ignore[attr-defined]
+    encoder = EncoderReplica.options(  # type: ignore[attr-defined]
         ray_actor_options=resources, autoscaling_config=encoder_autoscaling_config(initial, most)
     ).bind(config.model_dump())
     return EmbeddingsIngress.options(**ingress).bind(encoder, config.model_dump())  # type: ignore[attr-defined]

@@ -9,7 +9,7 @@ came from the HTTP side, which more encoder replicas don't help); 2 document cli
 1.8 calls in it, 90% busy, holding 28 forward passes (p50 277 ms). Serve's default
 (target 2) would add replicas for the first and none for the second.
 
-So each replica reports its backlog in forward passes (``KalmEncoder.record_autoscaling_stats``:
+So each replica reports its backlog in forward passes (``EncoderReplica.record_autoscaling_stats``:
 tokens of the calls it holds / ``max_batch_tokens``), and the policy wants::
 
     by_tokens   = backlog / target_batches_per_replica, at most the calls in flight

@@ -1,8 +1,8 @@
 """The HTTP ingress: OpenAI routes, auth, limits, tokenisation; model work goes to replicas.
 
 Request flow: headers (size-bounded) → body (size- and time-bounded; large bodies take turns)
-→ ``parse_request`` → ``validate_request`` (model id, limits, tokenisation) → chunks sent to
-``KalmEncoder`` replicas → Matryoshka truncation → float or base64 answer.
+→ ``parse_request`` → ``validate_and_tokenize`` (model id, limits, tokenisation) → chunks sent to
+``EncoderReplica`` replicas (``serve/dispatch.py``) → Matryoshka truncation → float or base64 answer.
 
 ``EmbeddingsService`` does all of it given any encoder handle (``embed.remote(...)``,
 ``health.remote()``), and ``build_http_app`` puts it behind FastAPI routes, so tests run the
@@ -12,28 +12,20 @@ whole HTTP contract in-process with a fake handle; ``EmbeddingsIngress`` is the 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hmac
 import logging
 import time
 import uuid
 from collections.abc import Awaitable, Callable
-from typing import Any, Protocol
+from dataclasses import dataclass
+from typing import Any
 
-import numpy as np
 import orjson
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from ray import serve
-from ray.exceptions import (
-    ActorDiedError,
-    ActorUnavailableError,
-    NodeDiedError,
-    ObjectLostError,
-    RayActorError,
-    TaskCancelledError,
-    WorkerCrashedError,
-)
-from ray.serve.exceptions import BackPressureError
+from ray.exceptions import TaskCancelledError
 from starlette.exceptions import HTTPException
 from starlette.requests import ClientDisconnect
 from starlette.responses import Response
@@ -41,8 +33,8 @@ from starlette.responses import Response
 from .. import environment
 from ..api import token_ids
 from ..api.http_errors import error_response, status_of
-from ..api.protocol import PreparedRequest, parse_request, render_embeddings, render_models, validate_request
-from ..batching.planning import plan_batches
+from ..api.protocol import TokenizedRequest, parse_request, validate_and_tokenize
+from ..api.rendering import render_embeddings, render_models
 from ..config import ServiceConfig
 from ..core.checkpoint import read_model_files
 from ..core.tokenization import TextTokenizer
@@ -54,39 +46,42 @@ from ..errors import (
     HeadersTooLargeError,
     InvalidRequestError,
     MethodNotAllowedError,
-    OverloadedError,
     PayloadTooLargeError,
-    RequestTimeoutError,
     RouteNotFoundError,
 )
+from .dispatch import EncoderHandle, embed_on_replicas
 from .logs import route_core_logs_to_serve
 from .metrics import IngressMetrics
 from .proxy_fences import REPLACED_HEADER, replaced_note, request_id_is_usable
 
 log = logging.getLogger("ray.serve")
 
-#: Replica failures that are safe to retry elsewhere: embedding is idempotent. A replica
-#: process that dies mid-call, or the node under it, gives ActorDiedError; an unreachable
-#: one ActorUnavailableError (both RayActorError); a finished result that lived in the object
-#: store of a node that is gone, ObjectLostError.
-RETRYABLE = (ActorDiedError, ActorUnavailableError, RayActorError, ObjectLostError, WorkerCrashedError, NodeDiedError)
-MAX_ATTEMPTS = 5
-RETRY_BACKOFF_S = 0.1  # before attempt 2; doubled for each further one (the request timeout bounds it all)
-
 #: Bodies larger than this are "large": read, parsed and tokenised at most
 #: ``max_concurrent_large_requests`` at a time per ingress (docs/limits.md).
 LARGE_BODY_BYTES = 1024 * 1024
 
 
-class EncoderHandle(Protocol):
-    """What the service needs of the encoder deployment (a Serve ``DeploymentHandle``, or a fake).
+@dataclass
+class RequestTimings:
+    """What one embeddings request cost, filled in as it goes: for its headers, metrics and log line."""
 
-    ``embed.remote(token_ids, priority)`` returns an awaitable with ``cancel()`` that gives an
-    ``EmbedResult``, or the ``OverloadedError`` of a full queue; ``health.remote()`` an awaitable.
-    """
+    inputs: int | None = None
+    tokens: int | None = None
+    tokenization_s: float | None = None
+    queue_s: float | None = None
+    inference_s: float | None = None
 
-    embed: Any
-    health: Any
+    def headers(self, total_s: float) -> dict[str, str]:
+        """Where an embeddings request's time went, as response headers (none for other routes)."""
+        if self.tokenization_s is None or self.queue_s is None or self.inference_s is None:
+            return {}
+        return {
+            "x-total-time": _ms(total_s),
+            "x-tokenization-time": _ms(self.tokenization_s),
+            "x-queue-time": _ms(self.queue_s),
+            "x-inference-time": _ms(self.inference_s),
+            "x-compute-tokens": str(self.tokens),
+        }
 
 
 def _ms(seconds: float) -> str:
@@ -129,14 +124,14 @@ class EmbeddingsService:
         return await self.answer(request, "/v1/embeddings", self._embeddings)
 
     async def models(self, request: Request) -> Response:
-        async def body(request: Request, timings: dict) -> Response:
+        async def body(request: Request, timings: RequestTimings) -> Response:
             self._authenticate(request)
             return _json(render_models(self.config.model_id, self.created))
 
         return await self.answer(request, "/v1/models", body)
 
     async def health(self, request: Request) -> Response:
-        async def body(request: Request, timings: dict) -> Response:
+        async def body(request: Request, timings: RequestTimings) -> Response:
             try:
                 await asyncio.wait_for(self.encoder.health.remote(), timeout=5)
             except Exception as exc:  # no replica ready yet, or all busy starting
@@ -148,7 +143,7 @@ class EmbeddingsService:
     async def unknown_route(self, request: Request, exc: HTTPException) -> Response:
         """FastAPI's own 404 and 405, in OpenAI's shape (what OpenAI answers for an unknown URL)."""
 
-        async def body(request: Request, timings: dict) -> Response:
+        async def body(request: Request, timings: RequestTimings) -> Response:
             where = f"{request.method} {request.url.path}"
             if exc.status_code == 405:
                 raise MethodNotAllowedError(f"method not allowed: {where}")
@@ -162,7 +157,7 @@ class EmbeddingsService:
         self,
         request: Request,
         route: str,
-        handler: Callable[[Request, dict], Awaitable[Response]],
+        handler: Callable[[Request, RequestTimings], Awaitable[Response]],
         record: bool = True,
     ) -> Response:
         # Serve's proxy puts its request id (the client's x-request-id, or a new one) on the
@@ -173,7 +168,7 @@ class EmbeddingsService:
         if replaced:
             request_id = uuid.uuid4().hex
         started = time.perf_counter()
-        timings: dict = {}
+        timings = RequestTimings()
         try:
             self._check_headers(request)
             response = await handler(request, timings)
@@ -186,22 +181,16 @@ class EmbeddingsService:
                 log.exception("request %s failed", request_id)
             response = error_response(exc, request_id)
         total_s = time.perf_counter() - started
-        if "inputs" in timings and response.status_code == 200:
-            response.headers.update(
-                {
-                    "x-total-time": _ms(total_s),
-                    "x-tokenization-time": _ms(timings["tokenization_s"]),
-                    "x-queue-time": _ms(timings["queue_s"]),
-                    "x-inference-time": _ms(timings["inference_s"]),
-                    "x-compute-tokens": str(timings["tokens"]),
-                }
-            )
+        if response.status_code == 200:
+            response.headers.update(timings.headers(total_s))
         if replaced:
             response.headers[REPLACED_HEADER] = replaced_note(request_id)
         self._finish(request_id, route, response.status_code, total_s, timings, record)
         return response
 
-    def _finish(self, request_id: str, route: str, status: int, total_s: float, timings: dict, record: bool) -> None:
+    def _finish(
+        self, request_id: str, route: str, status: int, total_s: float, timings: RequestTimings, record: bool
+    ) -> None:
         if not record:
             return
         self.metrics.record(route, status, total_s)
@@ -213,19 +202,19 @@ class EmbeddingsService:
                     "request_id": request_id,
                     "route": route,
                     "status": status,
-                    "inputs": timings.get("inputs"),
-                    "tokens": timings.get("tokens"),
+                    "inputs": timings.inputs,
+                    "tokens": timings.tokens,
                     "total_ms": round(total_s * 1e3, 2),
-                    "tokenization_ms": _round_ms(timings.get("tokenization_s")),
-                    "queue_ms": _round_ms(timings.get("queue_s")),
-                    "inference_ms": _round_ms(timings.get("inference_s")),
+                    "tokenization_ms": _round_ms(timings.tokenization_s),
+                    "queue_ms": _round_ms(timings.queue_s),
+                    "inference_ms": _round_ms(timings.inference_s),
                 }
             ).decode()
         )
 
     # --- /v1/embeddings ---------------------------------------------------------------
 
-    async def _embeddings(self, request: Request, timings: dict) -> Response:
+    async def _embeddings(self, request: Request, timings: RequestTimings) -> Response:
         self._authenticate(request)
         limit = self.config.max_body_bytes
         declared = request.headers.get("content-length", "")
@@ -239,81 +228,33 @@ class EmbeddingsService:
             body = await self._read_body(request)
             t0 = time.perf_counter()
             async with self._turn(not declared_large and len(body) > LARGE_BODY_BYTES):
-                prepared = await asyncio.to_thread(self._prepare, body)
+                tokenized = await asyncio.to_thread(self._validate_and_tokenize, body)
             del body
-        timings.update(
-            tokenization_s=time.perf_counter() - t0, inputs=len(prepared.token_ids), tokens=prepared.n_tokens
+        timings.tokenization_s = time.perf_counter() - t0
+        timings.inputs, timings.tokens = len(tokenized.token_ids), tokenized.n_tokens
+        embedded = await embed_on_replicas(
+            self.encoder,
+            tokenized.token_ids,
+            tokenized.priority,
+            self.config.max_chunk_tokens,
+            self.config.request_timeout_s,
+            self.native_dimensions,
         )
-        vectors, queue_s, inference_s = await self._embed(prepared)
-        timings.update(queue_s=queue_s, inference_s=inference_s)
+        timings.queue_s, timings.inference_s = embedded.queue_s, embedded.inference_s
         self.metrics.record_embedding(
-            len(prepared.token_ids), prepared.n_tokens, timings["tokenization_s"], queue_s, inference_s
+            len(tokenized.token_ids), tokenized.n_tokens, timings.tokenization_s, embedded.queue_s, embedded.inference_s
         )
-        vectors = truncate_dimensions(vectors, prepared.dimensions)
-        return _json(render_embeddings(vectors, prepared.encoding_format, self.config.model_id, prepared.n_tokens))
+        vectors = truncate_dimensions(embedded.vectors, tokenized.dimensions)
+        return _json(render_embeddings(vectors, tokenized.encoding_format, self.config.model_id, tokenized.n_tokens))
 
-    def _turn(self, large: bool) -> asyncio.Semaphore | _NoWait:
-        return self.large_requests if large else _NoWait()
+    def _turn(self, large: bool) -> contextlib.AbstractAsyncContextManager:
+        """The large requests' turn, or nothing to wait for (small requests do not take turns)."""
+        return self.large_requests if large else contextlib.nullcontext()
 
-    def _prepare(self, body: bytearray) -> PreparedRequest:
+    def _validate_and_tokenize(self, body: bytearray) -> TokenizedRequest:
         """Parse, validate, tokenise: CPU work, run in a thread."""
         req = parse_request(body, self.config, self.tokenizer.max_input_tokens)
-        return validate_request(req, self.config, self.tokenizer, self.native_dimensions)
-
-    async def _embed(self, prepared: PreparedRequest) -> tuple[np.ndarray, float, float]:
-        """Send the request in chunks (spread over replicas); reassemble in input order.
-
-        The first chunk to fail fails the request and cancels the others, in the replicas too;
-        so does the client going away (this coroutine is cancelled).
-        """
-        lengths = [len(ids) for ids in prepared.token_ids]
-        chunks = plan_batches(lengths, self.config.max_chunk_tokens)
-        tasks = [
-            asyncio.ensure_future(self._embed_chunk([prepared.token_ids[i] for i in chunk], prepared.priority))
-            for chunk in chunks
-        ]
-        try:
-            done, pending = await asyncio.wait(
-                tasks, timeout=self.config.request_timeout_s, return_when=asyncio.FIRST_EXCEPTION
-            )
-            failures = [exc for exc in (t.exception() for t in tasks if t in done) if exc is not None]
-            if failures:
-                raise failures[0]
-            if pending:
-                raise RequestTimeoutError(
-                    f"request not answered within {self.config.request_timeout_s:.0f}s; retry, or send fewer tokens"
-                )
-        finally:
-            for task in tasks:
-                task.cancel()
-        results = [task.result() for task in tasks]
-        vectors = np.empty((len(lengths), self.native_dimensions), np.float32)
-        for chunk, result in zip(chunks, results):
-            vectors[chunk] = result.vectors
-        return vectors, max(r.queue_s for r in results), max(r.inference_s for r in results)
-
-    async def _embed_chunk(self, token_ids: list[list[int]], priority: str):
-        for attempt in range(1, MAX_ATTEMPTS + 1):
-            response = self.encoder.embed.remote(token_ids, priority)
-            try:
-                result = await response
-            except asyncio.CancelledError:
-                # Awaiting a Serve response does not cancel the call when we are cancelled: say so,
-                # and the replica's batcher drops the chunk's queued inputs.
-                response.cancel()
-                raise
-            except BackPressureError:
-                raise OverloadedError("all encoder replicas are at their queue limit; retry shortly") from None
-            except RETRYABLE as exc:
-                if attempt == MAX_ATTEMPTS:
-                    raise
-                log.warning("encoder replica lost (%s); retrying chunk, attempt %d", type(exc).__name__, attempt + 1)
-                # Serve's router drops a dead replica at once; the pause covers an unreachable one.
-                await asyncio.sleep(RETRY_BACKOFF_S * 2 ** (attempt - 1))
-                continue
-            if isinstance(result, OverloadedError):  # the replica's queue is full (returned, not raised)
-                raise result
-            return result
+        return validate_and_tokenize(req, self.config, self.tokenizer, self.native_dimensions)
 
     # --- checks -----------------------------------------------------------------------
 
@@ -352,16 +293,6 @@ class EmbeddingsService:
             if len(body) > limit:
                 raise PayloadTooLargeError(f"request body is larger than the limit of {limit} bytes")
         return body  # not copied to bytes: orjson reads a bytearray, and a 32 MiB copy is 32 MiB more
-
-
-class _NoWait:
-    """``async with`` that holds nothing (small requests do not take turns)."""
-
-    async def __aenter__(self) -> None:
-        return None
-
-    async def __aexit__(self, *exc) -> None:
-        return None
 
 
 def build_http_app(service: EmbeddingsService) -> FastAPI:

@@ -26,8 +26,11 @@ from .metrics import ReplicaMetrics
 log = logging.getLogger("ray.serve")
 
 
+# The deployment keeps its published name: users' Serve YAML, dashboards and logs refer to "KalmEncoder".
 @serve.deployment(name="KalmEncoder", max_ongoing_requests=256, health_check_period_s=10)
-class KalmEncoder:
+class EncoderReplica:
+    """One encoder replica: loads the model, batches the chunks sent to it, reports its backlog."""
+
     def __init__(self, config: dict):
         started = time.perf_counter()
         route_core_logs_to_serve()

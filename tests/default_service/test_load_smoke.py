@@ -1,4 +1,4 @@
-"""CI's smoke load: `loadtest/run.py` (locust) against the service on the tiny stand-in."""
+"""CI's smoke load: `python -m loadtest.run` (locust) against the service on the tiny stand-in."""
 
 from __future__ import annotations
 

@@ -11,6 +11,7 @@ import openai
 import pytest
 
 from serve_app.core.checkpoint import KALM_QUERY_INSTRUCTION
+from tests.client_mistakes import CLIENT_MISTAKES, MALFORMED_BODIES, as_sent, over_the_limits
 from tests.openai_errors import assert_openai_error
 
 pytestmark = pytest.mark.serve
@@ -147,42 +148,20 @@ def test_request_id_and_timing_headers(service, model_id):
 # --- every client mistake is a 400/404 in OpenAI's shape, never a 500 ----------------------
 
 
+# the limits of cluster/config.yaml, and the stand-in's own token limit (KaLM v2's)
 @pytest.mark.parametrize(
-    "body, param, says",
-    [
-        ({"input": "x"}, "model", "missing"),
-        ({"model": "M", "input": ""}, "input", "empty"),
-        ({"model": "M", "input": []}, "input", "empty"),
-        ({"model": "M", "input": ["ok", ""]}, "input", "input[1]"),
-        ({"model": "M", "input": [[]]}, "input", "empty"),
-        ({"model": "M", "input": 42}, "input", None),
-        ({"model": "M", "input": [1, "a"]}, "input", None),
-        ({"model": "M", "input": [True]}, "input", None),
-        ({"model": "M", "input": "x", "dimensions": 0}, "dimensions", "between 1 and 64"),
-        ({"model": "M", "input": "x", "dimensions": 65}, "dimensions", "between 1 and 64"),
-        ({"model": "M", "input": "x", "dimensions": "8"}, "dimensions", None),
-        ({"model": "M", "input": "x", "encoding_format": "int8"}, "encoding_format", None),
-        ({"model": "M", "input": "x", "input_type": "passage"}, "input_type", None),
-        ({"model": "M", "input": "x", "truncate": "yes"}, "truncate", None),
-        ({"model": "M", "input": "x", "dimension": 8}, "dimension", "unrecognized"),
-        ({"model": "M", "input": [5, 151646]}, "input", "151646"),
-        ({"model": "M", "input": [[5], [-1]]}, "input", "-1"),
-        ({"model": "M", "input": ["x"] * 2049}, "input", "2048"),
-        ({"model": "M", "input": "word " * 40_000}, "input", "limit of 32768"),
-    ],
+    "body, param, says", CLIENT_MISTAKES + over_the_limits(max_inputs_per_request=2048, max_input_tokens=32_768)
 )
 def test_client_mistakes_are_400(service, model_id, body, param, says):
-    if body.get("model") == "M":
-        body = {**body, "model": model_id}
-    assert_openai_error(post(service, body), 400, "invalid_request_error", param=param, says=says)
+    assert_openai_error(post(service, as_sent(body, model_id)), 400, "invalid_request_error", param=param, says=says)
 
 
-def test_malformed_json_and_non_object_body_are_400(service):
-    for raw in (b"{not json", b"[1, 2]", b"", b'"text"'):
-        resp = httpx.post(
-            service.base_url + "/v1/embeddings", content=raw, timeout=30, headers={"content-type": "application/json"}
-        )
-        assert_openai_error(resp, 400, "invalid_request_error")
+@pytest.mark.parametrize("raw", MALFORMED_BODIES)
+def test_malformed_json_and_non_object_body_are_400(service, raw):
+    resp = httpx.post(
+        service.base_url + "/v1/embeddings", content=raw, timeout=30, headers={"content-type": "application/json"}
+    )
+    assert_openai_error(resp, 400, "invalid_request_error")
 
 
 def test_unknown_model_is_404(service):

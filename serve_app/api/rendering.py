@@ -1,0 +1,33 @@
+"""Response bodies of the OpenAI routes: embeddings (float or base64) and the model list."""
+
+from __future__ import annotations
+
+import base64
+
+import numpy as np
+import orjson
+
+
+def render_embeddings(vectors: np.ndarray, encoding_format: str, model_id: str, n_tokens: int) -> bytes:
+    """The response body; base64 is little-endian float32 bytes, as the openai client decodes it."""
+    vectors = np.ascontiguousarray(vectors, dtype="<f4")
+    if encoding_format == "base64":
+        data = [
+            {"object": "embedding", "index": i, "embedding": base64.b64encode(v.tobytes()).decode("ascii")}
+            for i, v in enumerate(vectors)
+        ]
+    else:
+        data = [{"object": "embedding", "index": i, "embedding": v} for i, v in enumerate(vectors)]
+    body = {
+        "object": "list",
+        "model": model_id,
+        "data": data,
+        "usage": {"prompt_tokens": n_tokens, "total_tokens": n_tokens},
+    }
+    return orjson.dumps(body, option=orjson.OPT_SERIALIZE_NUMPY)
+
+
+def render_models(model_id: str, created: int, owned_by: str = "kalm-serve") -> bytes:
+    return orjson.dumps(
+        {"object": "list", "data": [{"id": model_id, "object": "model", "owned_by": owned_by, "created": created}]}
+    )
