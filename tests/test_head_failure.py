@@ -271,10 +271,11 @@ def _runs(kinds: list[str]) -> list[tuple[str, int]]:
 
 
 def test_drained_node_hands_its_replicas_over_before_it_goes_and_loses_no_request(cluster, svc):
-    new_worker = cluster.add_node(num_cpus=1, num_gpus=1, metrics_export_port=free_port())
+    cluster.add_node(num_cpus=1, num_gpus=1, metrics_export_port=free_port())  # room for the replacement
     cluster.wait_for_nodes()
     ingress_nodes = {r["node_id"] for r in replicas("EmbeddingsIngress")}
     encoders = replicas("KalmEncoder")
+    n_encoders = len(encoders)
     # drain a worker that holds an encoder replica (preferably no ingress); the load goes through the head's proxy
     target = min(encoders, key=lambda r: r["node_id"] in ingress_nodes)["node_id"]
     node = next(n for n in cluster.worker_nodes if n.node_id == target)
@@ -293,29 +294,34 @@ def test_drained_node_hands_its_replicas_over_before_it_goes_and_loses_no_reques
         def handed_over() -> bool:
             deps = details()["applications"]["kalm"]["deployments"]
             states = {
-                name: sorted((r["state"], r.get("node_id") == target) for r in d["replicas"])
+                name: sorted(
+                    (getattr(r["state"], "value", r["state"]), r.get("node_id") == target) for r in d["replicas"]
+                )
                 for name, d in deps.items()
             }
             if not timeline or timeline[-1][1] != states:
                 timeline.append((round(time.monotonic() - t0, 1), states))
             on_target = [r for d in deps.values() for r in d["replicas"] if r.get("node_id") == target]
             running = [r for r in deps["KalmEncoder"]["replicas"] if r["state"] == "RUNNING"]
-            return not on_target and len(running) == 2
+            return not on_target and len(running) == n_encoders
 
-        wait_for(handed_over, 120, what="the drained node's replicas to move")
+        try:
+            wait_for(handed_over, 120, what="the drained node's replicas to move")
+        finally:
+            print("\nreplica states over time (s, deployment: [(state, on the drained node)]):")
+            for t, states in timeline:
+                print(f"  {t}: {states}")
         moved = time.monotonic()
         cluster.remove_node(node)  # the deadline: the machine goes
         time.sleep(5)
     window = load.window(t0, time.monotonic())
     print(
         f"\ndrain with a 90 s deadline: replicas moved off in {moved - t0:.1f} s, then the node was removed: "
-        f"{window.line()}\nreplica states over time (s, deployment: [(state, on the drained node)]):"
+        f"{window.line()}"
     )
-    for t, states in timeline:
-        print(f"  {t}: {states}")
     assert load.window(0, time.monotonic()).raw_errors == 0, load.failures[:3]
-    assert {r["node_id"] for r in replicas("KalmEncoder")} >= {new_worker.node_id}
-    # the encoder never had fewer than 2 replicas serving: the replacement ran before the old one stopped
+    assert target not in {r["node_id"] for r in replicas("KalmEncoder")}
+    # never fewer encoder replicas serving than before: the replacement ran before the old one stopped
     for _, states in timeline:
         serving = [s for s in states["KalmEncoder"] if s[0] in ("RUNNING", "PENDING_MIGRATION")]
-        assert len(serving) >= 2, timeline
+        assert len(serving) >= n_encoders, timeline
