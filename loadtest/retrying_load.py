@@ -43,7 +43,7 @@ class Window:
     seconds: float
     requests: int  # finished in the window, after retries
     failed: int  # not answered 200 even after the retries
-    attempts: int  # raw HTTP attempts started in the window
+    attempts: int  # raw HTTP attempts answered (or failed) in the window
     raw_errors: int  # attempts not answered 200 (5xx, 4xx, no answer)
     raw_5xx: int
     retries: int
@@ -130,7 +130,7 @@ class RetryingLoad:
 
     def window(self, t0: float, t1: float) -> Window:
         with self._lock:
-            attempts = [a for a in self.attempts if t0 <= a.start < t1]
+            attempts = [a for a in self.attempts if t0 <= a.end < t1]
             requests = [r for r in self.requests if t0 <= r.end < t1]
             ok_ends = sorted(r.end for r in self.requests if r.status == 200 and t0 <= r.end < t1)
         statuses: dict[int, int] = {}
