@@ -6,6 +6,8 @@
     #     serve run cluster/config.yaml
     python cluster/local_cluster.py remove-worker    # lose a node (the newest worker, all its processes)
     python cluster/local_cluster.py add-worker       # get one back
+    python cluster/local_cluster.py kill-gcs         # with --redis: the head's GCS dies ...
+    python cluster/local_cluster.py start-gcs        # ... and comes back, finding the cluster it left
     python cluster/local_cluster.py stop             # or Ctrl-C where it runs: stops every process it started
 
 `start` runs in the foreground: a head node and N worker nodes, each its own raylet (the
@@ -18,6 +20,11 @@ Every node's Serve proxy binds port 8000 (SO_REUSEPORT), so connections to 127.0
 spread over the nodes' proxies by the kernel, a little like a load balancer would. With
 --worker-proxy-port the workers' proxies listen there instead and :8000 is the head's alone:
 use that when removing workers, so that your client isn't talking to the proxy you remove.
+
+With --redis the head runs with GCS fault tolerance: the script starts a private redis-server
+(Debian's package, on PATH) with a password on a free loopback port, the GCS stores its tables
+there, and a GCS that dies and is started again (kill-gcs, start-gcs) resumes the cluster; the
+replicas keep serving while it is down. Without it a restarted GCS knows no nodes and no actors.
 """
 
 from __future__ import annotations
@@ -34,8 +41,10 @@ import threading
 import time
 from pathlib import Path
 
-#: Where a running cluster leaves its pid and address for `stop`, `remove-worker`, `add-worker`.
+#: Where a running cluster leaves its pid, address and GCS state for the other commands.
 STATE = Path(os.environ.get("KALM_LOCAL_CLUSTER_STATE", Path(tempfile.gettempdir()) / "kalm-local-cluster.json"))
+#: Asks the running cluster to kill its GCS, or to start it again (SIGUSR1/2 remove and add workers).
+GCS_SIGNAL = signal.SIGRTMIN
 
 
 def start(args: argparse.Namespace) -> int:
@@ -62,39 +71,48 @@ def start(args: argparse.Namespace) -> int:
             requests.append("remove-worker")
         elif signum == signal.SIGUSR2:
             requests.append("add-worker")
+        elif signum == GCS_SIGNAL:
+            requests.append("toggle-gcs")
         else:
             stop.set()
 
     def install_handlers():  # again after each node start: Ray's node setup installs its own SIGTERM handler
-        for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1, signal.SIGUSR2):
+        for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1, signal.SIGUSR2, GCS_SIGNAL):
             signal.signal(sig, on_signal)
 
     install_handlers()
 
     worker_args = {"num_cpus": args.cpus_per_worker, "num_gpus": args.gpus_per_worker}
     cluster = None
+    redis = None
     try:
-        cluster = start_cluster(
-            {
-                "num_cpus": args.head_cpus,
-                "gcs_server_port": port,
-                "include_dashboard": args.dashboard,
-                "temp_dir": temp_dir,
-                "metrics_export_port": free_port(),
-                "dashboard_host": "127.0.0.1",
-            }
-        )
+        head_args = {
+            "num_cpus": args.head_cpus,
+            "gcs_server_port": port,  # fixed: a restarted GCS comes back where the nodes look for it
+            "include_dashboard": args.dashboard,
+            "temp_dir": temp_dir,
+            "metrics_export_port": free_port(),
+            "dashboard_host": "127.0.0.1",
+        }
+        if args.redis:
+            from serve_app.testing.redis_server import start_redis
+
+            redis = start_redis()
+            head_args.update(external_addresses=[redis.address], redis_password=redis.password)
+        cluster = start_cluster(head_args)
         for _ in range(args.workers):
             cluster.add_node(**worker_args, metrics_export_port=free_port())
         cluster.wait_for_nodes()
         install_handlers()
         address = cluster.address
-        STATE.write_text(json.dumps({"pid": os.getpid(), "address": address, "temp_dir": temp_dir}))
+        state = {"pid": os.getpid(), "address": address, "temp_dir": temp_dir, "redis": redis is not None, "gcs": "up"}
+        STATE.write_text(json.dumps(state))
         model = os.environ.get("KALM_MODEL")
         print(
             f"""
 Ray cluster up: a head ({args.head_cpus} CPU) and {args.workers} worker(s) ({args.cpus_per_worker} CPU, \
 {args.gpus_per_worker} GPU slot each), GCS at {address}; logs under {temp_dir}.
+GCS fault tolerance: {f"on, Redis at {redis.address}" if redis else "off (--redis turns it on)"}
 Model for the app (KALM_MODEL in the cluster's environment): {model or "not set: the hub id (needs the hub)"}
 
 Deploy onto it, from the repository root in another shell:
@@ -123,6 +141,15 @@ READY {address}""",
                     node = max(cluster.worker_nodes, key=lambda n: n.node_id)  # any one; ids are random
                     cluster.remove_node(node)
                     print(f"removed worker node {node.node_id} ({len(cluster.worker_nodes)} left)", flush=True)
+                elif action == "toggle-gcs":
+                    if state["gcs"] == "up":
+                        cluster.head_node.kill_gcs_server()
+                        state["gcs"] = "down"
+                    else:
+                        cluster.head_node.start_gcs_server()
+                        state["gcs"] = "up"
+                    STATE.write_text(json.dumps(state))
+                    print(f"GCS {state['gcs']}", flush=True)
                 else:
                     node = cluster.add_node(**worker_args, metrics_export_port=free_port())
                     install_handlers()
@@ -131,6 +158,8 @@ READY {address}""",
         print("stopping the cluster ...", flush=True)
         if cluster is not None:
             cluster.shutdown()
+        if redis is not None:
+            redis.stop()
         STATE.unlink(missing_ok=True)
         shutil.rmtree(temp_dir, ignore_errors=True)
         print("stopped", flush=True)
@@ -147,6 +176,28 @@ def _alive(pid: int) -> bool:
             return f.read().rsplit(")", 1)[1].split()[0] != "Z"
     except OSError:
         return True
+
+
+def toggle_gcs(want: str) -> int:
+    """kill-gcs (want "down") and start-gcs (want "up"): only with --redis, only from the other state."""
+    state = json.loads(STATE.read_text()) if STATE.exists() else {}
+    if not state.get("redis"):
+        print(
+            "no local cluster with --redis is running: without Redis a restarted GCS loses the cluster", file=sys.stderr
+        )
+        return 1
+    if state.get("gcs") == want:
+        print(f"the GCS is already {want}", file=sys.stderr)
+        return 1
+    code = signal_running(GCS_SIGNAL)
+    deadline = time.monotonic() + 30
+    while code == 0 and json.loads(STATE.read_text()).get("gcs") != want:
+        if time.monotonic() > deadline:
+            print(f"the GCS is not {want} after 30 s", file=sys.stderr)
+            return 1
+        time.sleep(0.2)
+    print(f"GCS {want}")
+    return code
 
 
 def signal_running(sig: int, wait_s: float | None = None) -> int:
@@ -184,12 +235,17 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--port", type=int, help="GCS port (default: a free one)")
     p.add_argument("--worker-proxy-port", type=int, help="workers' Serve proxies listen here instead of 8000")
     p.add_argument("--dashboard", action="store_true", help="run the Ray dashboard on 127.0.0.1:8265")
+    p.add_argument("--redis", action="store_true", help="GCS fault tolerance: start a redis-server for the head")
     sub.add_parser("stop", help="stop the running local cluster")
     sub.add_parser("remove-worker", help="remove a worker node with everything on it")
     sub.add_parser("add-worker", help="add a worker node")
+    sub.add_parser("kill-gcs", help="kill the head's GCS (needs --redis at start)")
+    sub.add_parser("start-gcs", help="start the head's GCS again after kill-gcs")
     args = parser.parse_args(argv)
     if args.command == "start":
         return start(args)
+    if args.command in ("kill-gcs", "start-gcs"):
+        return toggle_gcs("down" if args.command == "kill-gcs" else "up")
     if args.command == "stop":
         return signal_running(signal.SIGTERM, wait_s=120)
     return signal_running(signal.SIGUSR1 if args.command == "remove-worker" else signal.SIGUSR2)

@@ -129,7 +129,9 @@ def _ray_view(env: dict) -> dict:
 
 
 @pytest.mark.slow
-def test_local_cluster_script_starts_workers_with_gpu_slots_and_stops_cleanly(tmp_path, tiny_model_dir):
+def test_local_cluster_script_starts_workers_with_gpu_slots_survives_its_gcs_and_stops_cleanly(
+    tmp_path, tiny_model_dir
+):
     import psutil
 
     script = str(CLUSTER / "local_cluster.py")
@@ -138,7 +140,7 @@ def test_local_cluster_script_starts_workers_with_gpu_slots_and_stops_cleanly(tm
         env.pop(key, None)
     out = (tmp_path / "out.txt").open("w")
     proc = subprocess.Popen(
-        [sys.executable, script, "start", "--workers", "2", "--model", str(tiny_model_dir)],
+        [sys.executable, script, "start", "--workers", "2", "--model", str(tiny_model_dir), "--redis"],
         env=env,
         stdout=out,
         stderr=subprocess.STDOUT,
@@ -154,6 +156,11 @@ def test_local_cluster_script_starts_workers_with_gpu_slots_and_stops_cleanly(tm
         exports = re.search(r"export (RAY_ADDRESS=\S+) (RAY_AUTH_MODE=\S+) (RAY_AUTH_TOKEN=\S+)", text)
         assert exports and "serve run cluster/config.yaml" in text and str(tiny_model_dir) in text
         client_env = {**env, **dict(kv.split("=", 1) for kv in exports.groups())}
+        assert _ray_view(client_env) == {"gpus": 2.0, "alive": 3}
+        assert "GCS fault tolerance: on, Redis at 127.0.0.1:" in text
+        # the GCS dies and comes back: it finds the cluster it left in Redis
+        for command in ("kill-gcs", "start-gcs"):
+            subprocess.run([sys.executable, script, command], env=env, check=True, timeout=60)
         assert _ray_view(client_env) == {"gpus": 2.0, "alive": 3}
         temp_dir = json.loads((tmp_path / "state.json").read_text())["temp_dir"]
         subprocess.run([sys.executable, script, "remove-worker"], env=env, check=True, timeout=30)
