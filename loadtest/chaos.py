@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import logging
 import os
 import signal
 import subprocess
@@ -36,6 +37,7 @@ import psutil
 import yaml
 
 from loadtest.retrying_load import RetryingLoad
+from tests.service_harness import ServeProcess, environ, free_port, local_cluster, replicas, serve_client, serve_details
 
 MIB = 1024 * 1024
 DOC = "lorem ipsum dolor sit amet " * 100  # ~500 tokens with the stand-in's tokenizer
@@ -46,17 +48,6 @@ def fixed_encoders(n: int) -> dict:
     from serve_app.serve.autoscaling import encoder_autoscaling_config
 
     return {**encoder_autoscaling_config(), "min_replicas": n, "initial_replicas": n, "max_replicas": n}
-
-
-def serve_details() -> dict:
-    from ray.serve.context import _get_global_client
-
-    return _get_global_client().get_serve_details()
-
-
-def running(deployment: str) -> list[dict]:
-    reps = serve_details()["applications"]["kalm"]["deployments"][deployment]["replicas"]
-    return [r for r in reps if r["state"] == "RUNNING"]
 
 
 def wait_until(predicate, timeout_s: float) -> bool:
@@ -101,8 +92,8 @@ class Chaos:
         self.revision = 0
 
     def _worker_with_an_encoder(self):
-        ingress_nodes = {r["node_id"] for r in running("EmbeddingsIngress")}
-        nodes = [r["node_id"] for r in running("KalmEncoder")]
+        ingress_nodes = {r["node_id"] for r in replicas("EmbeddingsIngress")}
+        nodes = [r["node_id"] for r in replicas("KalmEncoder")]
         nodes.sort(key=lambda n: n in ingress_nodes)  # one without an ingress first
         return next((w for n in nodes for w in self.cluster.worker_nodes if w.node_id == n), None)
 
@@ -113,12 +104,12 @@ class Chaos:
         return f"removed node {node.node_id[:8]}, added a fresh worker"
 
     def encoder_kill(self) -> str:
-        victim = running("KalmEncoder")[0]
+        victim = replicas("KalmEncoder")[0]
         os.kill(victim["pid"], signal.SIGKILL)
         return f"killed encoder pid {victim['pid']}"
 
     def ingress_kill(self) -> str:
-        victim = running("EmbeddingsIngress")[0]
+        victim = replicas("EmbeddingsIngress")[0]
         os.kill(victim["pid"], signal.SIGKILL)
         return f"killed ingress pid {victim['pid']}"
 
@@ -158,14 +149,13 @@ class Chaos:
         return f"GCS down 20 s; controller {'answering' if back else 'NOT answering after 60 s'}"
 
     def redeploy(self) -> str:
-        from ray.serve.context import _get_global_client
         from ray.serve.schema import ServeDeploySchema
 
         config = yaml.safe_load(self.svc.config_path.read_text())
         self.revision += 1
         config["applications"][0]["args"]["max_batch_wait_ms"] = 2 + self.revision % 2
         self.svc.config_path.write_text(yaml.safe_dump(config))
-        _get_global_client().deploy_apps(ServeDeploySchema.model_validate(config))
+        serve_client().deploy_apps(ServeDeploySchema.model_validate(config))
         return f"serve deploy with max_batch_wait_ms {2 + self.revision % 2}"
 
 
@@ -182,7 +172,6 @@ def main(argv: list[str] | None = None) -> int:
     from ray.serve import context
 
     from serve_app.testing.redis_server import start_redis
-    from tests.service_harness import ServeProcess, environ, free_port, local_cluster
 
     model = str(Path(args.model).resolve())
     worker_port = free_port()
@@ -199,7 +188,7 @@ def main(argv: list[str] | None = None) -> int:
                 redis_password=redis.password,
             ) as cluster,
         ):
-            ray.init(address=cluster.address, logging_level="ERROR", log_to_driver=False)
+            ray.init(address=cluster.address, logging_level=logging.ERROR, log_to_driver=False)
             context._set_global_client(None)
             try:
                 with ServeProcess(
@@ -208,7 +197,8 @@ def main(argv: list[str] | None = None) -> int:
                     config_overrides={"served_model_name": "kalm", "max_chunk_tokens": 1024},
                     deployment_overrides={"KalmEncoder": {"autoscaling_config": fixed_encoders(2)}},
                 ) as svc:
-                    wait_until(lambda: len(running("KalmEncoder")) == 2, 120)
+                    wait_until(lambda: len(replicas("KalmEncoder")) == 2, 120)
+                    assert svc.proc is not None
                     roots = [os.getpid(), redis.proc.pid, svc.proc.pid]
                     rss_start = process_rss(roots + ray_daemons(cluster))
                     run(args, cluster, svc, worker_args, worker_port)
@@ -229,7 +219,7 @@ def main(argv: list[str] | None = None) -> int:
 def run(args, cluster, svc, worker_args: dict, worker_port: int) -> None:
     chaos = Chaos(cluster, svc, dict(worker_args), args.every_s)
     chaos.worker_args["metrics_export_port"] = 0
-    bodies = [
+    bodies: list[dict] = [
         {"model": "kalm", "input": "what is the capital of France?"},
         {"model": "kalm", "input": [f"document {i}: {DOC}" for i in range(4)]},
         {"model": "kalm", "input": ["what is ray serve?", "Paris is in France.", "embeddings for search"]},

@@ -256,11 +256,18 @@ def kill_processes_mentioning(marker: str, timeout_s: float = 30) -> None:
 # --- Serve's view, from a driver on the service's cluster ---------------------------------------
 
 
-def serve_details() -> dict:
-    """Serve's own view (what `serve status` / the dashboard show): replicas with node and pid, proxies."""
+def serve_client():
+    """The Serve controller's client of this driver (connected by ``ray.init`` to the service's cluster)."""
     from ray.serve.context import _get_global_client
 
-    return _get_global_client().get_serve_details()
+    client = _get_global_client()
+    assert client is not None, "no Serve controller client: ray.init the service's cluster first"
+    return client
+
+
+def serve_details() -> dict:
+    """Serve's own view (what `serve status` / the dashboard show): replicas with node and pid, proxies."""
+    return serve_client().get_serve_details()
 
 
 def replicas(deployment: str, state: str = "RUNNING", app: str = "kalm") -> list[dict]:
