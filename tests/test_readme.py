@@ -127,7 +127,9 @@ def test_serve_sh_without_a_model_fails_fast_saying_what_to_do(tmp_path):
     env.update(HF_HUB_OFFLINE="1", HF_HOME=str(tmp_path))
     out = subprocess.run(["scripts/serve.sh"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     print(out.stdout + out.stderr)
-    assert out.returncode != 0 and "KALM_MODEL" in out.stdout + out.stderr
+    said = out.stdout + out.stderr
+    assert out.returncode != 0 and "KALM_MODEL" in said
+    assert "python -m serve_app.testing.standin /tmp/kalm-standin --size tiny" in said  # the README's stand-in
 
 
 def said_to_print(code: str) -> str | None:
