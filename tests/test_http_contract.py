@@ -101,9 +101,11 @@ def test_models_health_and_keys(model_dir):
                     code="invalid_api_key",
                 )
                 error_of(await client.get("/v1/models", headers=headers), 401, "authentication_error")
+                error_of(await client.get("/nope", headers=headers), 401, "authentication_error")  # no route map
             models = await client.get("/v1/models", headers={"authorization": f"Bearer {KEY}"})
             assert models.json()["data"][0]["id"] == model_id(model_dir)
             assert (await client.get("/health")).json() == {"status": "ok"}  # probes need no key
+            assert (await client.head("/health")).status_code == 200  # nor HEAD probes
             svc.encoder.healthy = False
             assert (await client.get("/health")).status_code == 503
 
@@ -201,6 +203,25 @@ def test_unknown_routes_and_methods_answer_in_openai_shape(model_dir, method, pa
 
     err = error_of(run(go()), status)
     assert path in err["message"]
+
+
+def test_routes_with_a_trailing_slash_are_served_not_redirected(model_dir):
+    svc = service(model_dir)
+    resp = run(post(svc, {"model": model_id(model_dir), "input": "x"}, path="/v1/embeddings/"))
+    assert resp.status_code == 200 and len(resp.json()["data"]) == 1
+
+    async def models():
+        async with client_for(svc) as client:
+            return await client.get("/v1/models/")
+
+    assert run(models()).json()["data"][0]["id"] == model_id(model_dir)
+
+
+@pytest.mark.parametrize("encoding", ["gzip", "deflate", "br", "zstd"])
+def test_a_compressed_body_is_415_before_it_is_read(model_dir, encoding):
+    headers = {"content-encoding": encoding, "content-type": "application/json"}
+    resp = run(post(service(model_dir), None, headers, raw=b"\x1f\x8b compressed bytes"))
+    error_of(resp, 415, code="unsupported_content_encoding", says=encoding)
 
 
 def test_body_over_the_byte_limit_is_413_declared_or_streamed(model_dir):

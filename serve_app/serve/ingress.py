@@ -12,7 +12,6 @@ whole HTTP contract in-process with a fake handle; ``EmbeddingsIngress`` is the 
 from __future__ import annotations
 
 import asyncio
-import hmac
 import logging
 import time
 import uuid
@@ -40,6 +39,7 @@ from starlette.responses import Response
 
 from .. import environment
 from ..api import token_ids
+from ..api.api_keys import authenticate
 from ..api.http_errors import error_response, status_of
 from ..api.protocol import PreparedRequest, parse_request, render_embeddings, render_models, validate_request
 from ..batching.planning import plan_batches
@@ -48,7 +48,6 @@ from ..core.checkpoint import read_model_files
 from ..core.tokenization import TextTokenizer
 from ..core.vectors import truncate_dimensions
 from ..errors import (
-    AuthenticationError,
     BodyReadTimeoutError,
     ClientDisconnectedError,
     HeadersTooLargeError,
@@ -58,6 +57,7 @@ from ..errors import (
     PayloadTooLargeError,
     RequestTimeoutError,
     RouteNotFoundError,
+    UnsupportedContentEncodingError,
 )
 from .logs import route_core_logs_to_serve
 from .metrics import IngressMetrics
@@ -149,6 +149,7 @@ class EmbeddingsService:
         """FastAPI's own 404 and 405, in OpenAI's shape (what OpenAI answers for an unknown URL)."""
 
         async def body(request: Request, timings: dict) -> Response:
+            self._authenticate(request)  # every route but /health needs the key, an unknown one too
             where = f"{request.method} {request.url.path}"
             if exc.status_code == 405:
                 raise MethodNotAllowedError(f"method not allowed: {where}")
@@ -227,6 +228,11 @@ class EmbeddingsService:
 
     async def _embeddings(self, request: Request, timings: dict) -> Response:
         self._authenticate(request)
+        encoding = request.headers.get("content-encoding", "identity").strip().lower()
+        if encoding not in ("", "identity"):  # a compressed body would escape the byte limit once inflated
+            raise UnsupportedContentEncodingError(
+                f"Content-Encoding {encoding!r} is not supported: send the JSON body uncompressed"
+            )
         limit = self.config.max_body_bytes
         declared = request.headers.get("content-length", "")
         if declared.isdigit() and int(declared) > limit:
@@ -325,12 +331,7 @@ class EmbeddingsService:
             )
 
     def _authenticate(self, request: Request) -> None:
-        if not self.api_keys:
-            return
-        header = request.headers.get("authorization", "")
-        scheme, _, key = header.partition(" ")
-        if scheme.lower() != "bearer" or not any(hmac.compare_digest(key.strip().encode(), k) for k in self.api_keys):
-            raise AuthenticationError("Incorrect or missing API key: send 'Authorization: Bearer <key>'")
+        authenticate(request.headers.get("authorization", ""), self.api_keys)
 
     async def _read_body(self, request: Request) -> bytearray:
         try:
@@ -370,9 +371,10 @@ def build_http_app(service: EmbeddingsService) -> FastAPI:
     No OpenAPI schema or docs routes: they would answer without a key.
     """
     app = FastAPI(title="KaLM embeddings", openapi_url=None, docs_url=None, redoc_url=None)
-    app.add_api_route("/v1/embeddings", service.embeddings, methods=["POST"])
-    app.add_api_route("/v1/models", service.models, methods=["GET"])
-    app.add_api_route("/health", service.health, methods=["GET"])
+    for slash in ("", "/"):  # with a trailing slash served, not redirected: a redirected POST loses its body
+        app.add_api_route(f"/v1/embeddings{slash}", service.embeddings, methods=["POST"])
+        app.add_api_route(f"/v1/models{slash}", service.models, methods=["GET"])
+    app.add_api_route("/health", service.health, methods=["GET", "HEAD"])
     app.add_exception_handler(HTTPException, service.unknown_route)  # type: ignore[arg-type]
 
     async def invalid(request: Request, exc: Exception) -> Response:  # routes take no typed parameters
