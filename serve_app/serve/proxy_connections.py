@@ -25,7 +25,10 @@ _INSTALLED_ON = "_kalm_fenced"
 def invalid_http_answer(detail: str) -> bytes:
     """The whole HTTP answer to bytes that are not an HTTP/1.1 request: a 400 in OpenAI's shape."""
     body = error_body(
-        f"{detail.rstrip('.')}: the request is not valid HTTP/1.1", "invalid_request_error", None, "invalid_http_request"
+        f"{detail.rstrip('.')}: the request is not valid HTTP/1.1",
+        "invalid_request_error",
+        None,
+        "invalid_http_request",
     )
     head = (
         b"HTTP/1.1 400 Bad Request\r\ncontent-type: application/json\r\n"
