@@ -426,6 +426,49 @@ def test_large_requests_take_turns_while_small_ones_pass(model_dir, monkeypatch)
     assert most[0] <= 2  # one large request at a time (plus the small one)
 
 
+def streamed(raw: bytes, read: list[int], piece: int = 64 * 1024):
+    """An ASGI ``receive`` sending ``raw`` in pieces without a declared length (as curl sends a file
+    with ``Transfer-Encoding: chunked``), counting in ``read[0]`` what the app has taken."""
+    pieces = [raw[i : i + piece] for i in range(0, len(raw), piece)]
+
+    async def receive():
+        if pieces:
+            read[0] += len(pieces[0])
+            return {"type": "http.request", "body": pieces.pop(0), "more_body": bool(pieces)}
+        await asyncio.sleep(3600)
+
+    return receive
+
+
+def test_a_large_body_sent_without_a_length_waits_for_its_turn_before_more_is_read(model_dir, monkeypatch):
+    svc = service(model_dir, max_concurrent_large_requests=1, body_read_timeout_s=0.5)
+    release = threading.Event()
+    prepare = svc._prepare
+
+    def gated(body):
+        if len(body) > ingress.LARGE_BODY_BYTES:
+            release.wait(10)
+        return prepare(body)
+
+    monkeypatch.setattr(svc, "_prepare", gated)
+    raw = orjson.dumps({"model": model_id(model_dir), "input": "word " * 600_000, "truncate": True})  # 3 MB
+    first_read, second_read = [0], [0]
+    headers = {"content-type": "application/json"}
+
+    async def go():
+        first = asyncio.create_task(call_asgi(svc, "POST", "/v1/embeddings", headers, streamed(raw, first_read)))
+        await asyncio.sleep(0.5)  # the first has its turn, and is held while it is parsed
+        second = asyncio.create_task(call_asgi(svc, "POST", "/v1/embeddings", headers, streamed(raw, second_read)))
+        await asyncio.sleep(1.0)  # longer than body_read_timeout_s: waiting for a turn is not the client's delay
+        held = second_read[0]
+        release.set()
+        return held, await first, await second
+
+    held, first, second = run(go())
+    assert first_read[0] == len(raw) and ingress.LARGE_BODY_BYTES < held <= ingress.LARGE_BODY_BYTES + 64 * 1024
+    assert first["status"] == second["status"] == 200, second["body"]
+
+
 # --- cancellation ------------------------------------------------------------------------------
 
 

@@ -12,6 +12,7 @@ whole HTTP contract in-process with a fake handle; ``EmbeddingsIngress`` is the 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 import uuid
@@ -59,6 +60,7 @@ from ..errors import (
     RouteNotFoundError,
     UnsupportedContentEncodingError,
 )
+from . import memory
 from .logs import route_core_logs_to_serve
 from .metrics import IngressMetrics
 from .proxy_fences import REPLACED_HEADER, replaced_note, request_id_is_usable
@@ -237,16 +239,21 @@ class EmbeddingsService:
         declared = request.headers.get("content-length", "")
         if declared.isdigit() and int(declared) > limit:
             raise PayloadTooLargeError(f"request body is larger than the limit of {limit} bytes")
-        # A large request waits for its turn before its body is read (or, sent without a length,
-        # once it is): the bodies, parsed JSON and tokenisations in memory at once are bounded, and
+        # A large request waits for its turn before its body is read (sent without a length, once
+        # the part received passes LARGE_BODY_BYTES, before more is read): the bodies, parsed JSON
+        # and tokenisations in memory at once are bounded, whatever the client's upload pattern, and
         # CPU is left for small requests. Parsing and tokenising run off the event loop.
         declared_large = declared.isdigit() and int(declared) > LARGE_BODY_BYTES
-        async with self._turn(declared_large):
-            body = await self._read_body(request)
+        async with contextlib.AsyncExitStack() as turn:
+            if declared_large:
+                await turn.enter_async_context(self.large_requests)
+            body = await self._read_body(request, None if declared_large else turn)
+            large = len(body) > LARGE_BODY_BYTES
             t0 = time.perf_counter()
-            async with self._turn(not declared_large and len(body) > LARGE_BODY_BYTES):
-                prepared = await asyncio.to_thread(self._prepare, body)
+            prepared = await asyncio.to_thread(self._prepare, body)
             del body
+        if large:  # its body, text and JSON are freed: their pages go back to the OS (serve/memory.py)
+            await asyncio.to_thread(memory.trim)
         timings.update(
             tokenization_s=time.perf_counter() - t0, inputs=len(prepared.token_ids), tokens=prepared.n_tokens
         )
@@ -257,9 +264,6 @@ class EmbeddingsService:
         )
         vectors = truncate_dimensions(vectors, prepared.dimensions)
         return _json(render_embeddings(vectors, prepared.encoding_format, self.config.model_id, prepared.n_tokens))
-
-    def _turn(self, large: bool) -> asyncio.Semaphore | _NoWait:
-        return self.large_requests if large else _NoWait()
 
     def _prepare(self, body: bytearray) -> PreparedRequest:
         """Parse, validate, tokenise: CPU work, run in a thread."""
@@ -333,9 +337,28 @@ class EmbeddingsService:
     def _authenticate(self, request: Request) -> None:
         authenticate(request.headers.get("authorization", ""), self.api_keys)
 
-    async def _read_body(self, request: Request) -> bytearray:
+    async def _read_body(self, request: Request, turn: contextlib.AsyncExitStack | None) -> bytearray:
+        """The body, within ``body_read_timeout_s``. With ``turn`` (no declared length), the request
+        takes its large-request turn in ``turn`` once past LARGE_BODY_BYTES; that wait is not the
+        client's and does not count."""
+        limit = self.config.max_body_bytes
+        body = bytearray()  # not copied to bytes later: orjson reads a bytearray, and a 32 MiB copy is 32 MiB more
+        deadline = time.monotonic() + self.config.body_read_timeout_s
+        chunks = request.stream()
         try:
-            return await asyncio.wait_for(self._receive_body(request), self.config.body_read_timeout_s)
+            while True:
+                try:
+                    chunk = await asyncio.wait_for(anext(chunks), max(0.0, deadline - time.monotonic()))
+                except StopAsyncIteration:
+                    return body
+                body += chunk
+                if len(body) > limit:
+                    raise PayloadTooLargeError(f"request body is larger than the limit of {limit} bytes")
+                if turn is not None and len(body) > LARGE_BODY_BYTES:
+                    waiting_since = time.monotonic()
+                    await turn.enter_async_context(self.large_requests)
+                    deadline += time.monotonic() - waiting_since
+                    turn = None
         except asyncio.TimeoutError:
             raise BodyReadTimeoutError(
                 f"request body not received within {self.config.body_read_timeout_s:g}s"
@@ -344,25 +367,6 @@ class EmbeddingsService:
             # Starlette's disconnect, or (through Serve's proxy) the proxy cancelling the call that
             # streams the body to us once its client has gone.
             raise ClientDisconnectedError("the client closed the connection while sending its body") from None
-
-    async def _receive_body(self, request: Request) -> bytearray:
-        limit = self.config.max_body_bytes
-        body = bytearray()
-        async for chunk in request.stream():
-            body += chunk
-            if len(body) > limit:
-                raise PayloadTooLargeError(f"request body is larger than the limit of {limit} bytes")
-        return body  # not copied to bytes: orjson reads a bytearray, and a 32 MiB copy is 32 MiB more
-
-
-class _NoWait:
-    """``async with`` that holds nothing (small requests do not take turns)."""
-
-    async def __aenter__(self) -> None:
-        return None
-
-    async def __aexit__(self, *exc) -> None:
-        return None
 
 
 def build_http_app(service: EmbeddingsService) -> FastAPI:
@@ -391,6 +395,7 @@ class EmbeddingsIngress:
 
     def __init__(self, encoder: Any, config: dict):
         route_core_logs_to_serve()
+        memory.return_big_buffers()
         cfg = ServiceConfig(**config)
         files = read_model_files(cfg.model)
         tokenizer = TextTokenizer(files, cfg.max_input_tokens)

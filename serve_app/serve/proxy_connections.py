@@ -53,22 +53,22 @@ def _arm_header_deadline(protocol: Any) -> None:
     asyncio.get_running_loop().call_later(HEADER_READ_TIMEOUT_S, check)
 
 
-def _fence(protocol_class: type) -> None:
+def _fence(protocol_class: Any) -> None:
     if getattr(protocol_class, _INSTALLED_ON, False):
         return
     connection_made = protocol_class.connection_made
     on_response_complete = protocol_class.on_response_complete
 
-    def connection_made_with_deadline(self, transport):  # type: ignore[no-untyped-def]
+    def connection_made_with_deadline(self: Any, transport: Any) -> None:
         connection_made(self, transport)
         _arm_header_deadline(self)
 
-    def on_response_complete_with_deadline(self):  # type: ignore[no-untyped-def]
+    def on_response_complete_with_deadline(self: Any) -> None:
         on_response_complete(self)
         if not self.transport.is_closing():
             _arm_header_deadline(self)
 
-    def send_400_response(self, msg: str) -> None:  # type: ignore[no-untyped-def]
+    def send_400_response(self: Any, msg: str) -> None:
         self.transport.write(invalid_http_answer(msg))
         self.transport.close()
 

@@ -25,7 +25,7 @@ from .. import environment
 from ..api.api_keys import OPEN_PATHS, authenticate
 from ..api.http_errors import error_body, error_response
 from ..errors import AuthenticationError
-from . import proxy_connections
+from . import memory, proxy_connections
 
 #: Longest ``x-request-id`` used as given; a longer (or non-printable) one is replaced by a fresh id.
 MAX_REQUEST_ID_CHARS = 128
@@ -108,4 +108,5 @@ class ProxyFences:
 def middlewares() -> list[Middleware]:
     """What Serve's ``RAY_SERVE_HTTP_PROXY_CALLBACK_IMPORT_PATH`` calls in each proxy."""
     proxy_connections.install()
+    memory.return_big_buffers()  # the proxy holds each body it forwards
     return [Middleware(ProxyFences)]
