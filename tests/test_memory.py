@@ -8,8 +8,6 @@ import sys
 
 import pytest
 
-from serve_app.serve import memory
-
 CHILD = """
 import psutil
 from serve_app.serve import memory

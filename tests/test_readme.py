@@ -176,3 +176,40 @@ def test_python_examples_run_against_the_quick_start_service(machine, doc, index
     printed = machine.run([sys.executable, "-c", machine.here(code)])
     said = said_to_print(code)
     assert said is None or printed.split() == said.split(), (printed, said)
+
+
+def test_serve_sh_says_once_where_it_serves_what_and_leaves_no_temp_config(machine):
+    log_path = machine.ray_tmp / "serve.log"
+    line = f"kalm-serve ready: http://127.0.0.1:{machine.port}/v1 serves model 'kalm-standin'"
+    deadline = time.monotonic() + 30  # the watcher polls once a second
+    while line not in log_path.read_text() and time.monotonic() < deadline:
+        time.sleep(0.5)
+    log = log_path.read_text()
+    assert log.count("kalm-serve ready") == 1 and line in log, log[-3000:]
+    config = re.search(r"Running config file: '([^']+)'", log).group(1)
+    assert config != "cluster/config.yaml" and not Path(config).exists()  # --port's copy, removed
+
+
+def test_on_one_machine_nothing_listens_beyond_loopback_without_the_token(machine):
+    """Every listening socket of the service's processes is on loopback, but Serve's inter-deployment
+    gRPC server (Ray binds it to all interfaces): that one refuses a client without Ray's token."""
+    import grpc
+    import psutil
+
+    ours = set()
+    for proc in psutil.process_iter():
+        try:
+            if proc.environ().get("RAY_TMPDIR") == str(machine.ray_tmp):
+                ours.add(proc.pid)
+        except psutil.Error:
+            continue
+    listening = [c for c in psutil.net_connections("tcp") if c.status == psutil.CONN_LISTEN and c.pid in ours]
+    assert any(c.laddr.port == machine.port for c in listening)
+    open_to_all = [c for c in listening if c.laddr.ip not in ("127.0.0.1", "::ffff:127.0.0.1", "::1")]
+    for conn in open_to_all:
+        assert "ServeReplica" in " ".join(psutil.Process(conn.pid).cmdline()), conn
+        channel = grpc.insecure_channel(f"127.0.0.1:{conn.laddr.port}")
+        call = channel.unary_unary("/ray.serve.ASGIService/HandleRequest", lambda b: b, lambda b: b)
+        with pytest.raises(grpc.RpcError) as refused:
+            call(b"", timeout=10)
+        assert refused.value.code() == grpc.StatusCode.UNAUTHENTICATED

@@ -17,6 +17,9 @@ import functools
 
 #: Allocations from this size up get their own mapping, returned to the OS when freed.
 MMAP_THRESHOLD_BYTES = 1024 * 1024
+#: A process that took in a body larger than this trims after it (the proxy: its pieces are small
+#: allocations, below any mmap threshold).
+TRIM_AFTER_BYTES = 1024 * 1024
 _M_MMAP_THRESHOLD = -3  # mallopt parameter numbers, from glibc's malloc.h
 
 

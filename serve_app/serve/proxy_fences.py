@@ -15,6 +15,7 @@ Without it the ingress still bounds what it logs, and says so in ``x-request-id-
 
 from __future__ import annotations
 
+import asyncio
 import uuid
 
 from starlette.datastructures import Headers
@@ -80,7 +81,19 @@ class ProxyFences:
                 return
             await send(message)
 
-        await self.app(scope, receive, send_openai_shaped)
+        received = 0
+
+        async def receive_counted() -> Message:
+            nonlocal received
+            message = await receive()
+            received += len(message.get("body", b""))
+            return message
+
+        try:
+            await self.app(scope, receive_counted, send_openai_shaped)
+        finally:
+            if received > memory.TRIM_AFTER_BYTES:  # the proxy held the body in pieces: hand them back
+                await asyncio.to_thread(memory.trim)
 
     @staticmethod
     def _bound_request_id(scope: Scope) -> str | None:
