@@ -102,11 +102,14 @@ def post(client: httpx.Client, url: str, raw: bytes) -> tuple[int, float, str]:
     return resp.status_code, seconds, message
 
 
+SMALL_QUERY = "a short query about embeddings and how a service answers it quickly"  # ~20 tokens
+
+
 def small_queries(url: str, model: str, stop: threading.Event, latencies: list[float]) -> None:
     with httpx.Client(timeout=120) as client:
         while not stop.is_set():
             started = time.perf_counter()
-            client.post(url, json={"model": model, "input": "a short query about embeddings"})
+            client.post(url, json={"model": model, "input": SMALL_QUERY})
             latencies.append(time.perf_counter() - started)
 
 

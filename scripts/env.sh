@@ -4,14 +4,20 @@
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 VENV="${KALM_VENV:-.venv}"
+case "$VENV" in /*) ;; *) VENV="$PWD/$VENV" ;; esac
 stamp="$VENV/.installed-$(sha1sum pyproject.toml | cut -c1-12)"
 if [ ! -f "$stamp" ]; then
-  echo "==> creating $VENV (torch first, then the project with its dev extra)"
+  # A first install takes minutes (torch alone is ~200 MB): one line per step, pip's detail kept quiet.
+  echo "==> [1/4] creating $VENV"
   python3 -m venv "$VENV"
+  echo "==> [2/4] upgrading pip"
   "$VENV/bin/python" -m pip install -q --upgrade pip
+  echo "==> [3/4] installing ${TORCH_SPEC:-torch==2.13.0} (the largest download)"
   "$VENV/bin/python" -m pip install -q ${TORCH_SPEC:-torch==2.13.0}
+  echo "==> [4/4] installing the project with its dev extra (pip install -e \".[dev]\")"
   "$VENV/bin/python" -m pip install -q -e ".[dev]"
   touch "$stamp"
+  echo "==> $VENV ready"
 fi
-export PATH="$PWD/$VENV/bin:$PATH"
+export PATH="$VENV/bin:$PATH"
 export TOKENIZERS_PARALLELISM=false

@@ -64,6 +64,10 @@ class PayloadTooLargeError(KalmServeError):
     """The request body is larger than the configured byte limit."""
 
 
+class UnsupportedContentEncodingError(KalmServeError):
+    """The request body is compressed (``Content-Encoding``); the service reads plain JSON only."""
+
+
 class HeadersTooLargeError(KalmServeError):
     """The request's headers are larger than the configured byte limit."""
 

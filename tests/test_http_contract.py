@@ -101,9 +101,11 @@ def test_models_health_and_keys(model_dir):
                     code="invalid_api_key",
                 )
                 error_of(await client.get("/v1/models", headers=headers), 401, "authentication_error")
+                error_of(await client.get("/nope", headers=headers), 401, "authentication_error")  # no route map
             models = await client.get("/v1/models", headers={"authorization": f"Bearer {KEY}"})
             assert models.json()["data"][0]["id"] == model_id(model_dir)
             assert (await client.get("/health")).json() == {"status": "ok"}  # probes need no key
+            assert (await client.head("/health")).status_code == 200  # nor HEAD probes
             svc.encoder.healthy = False
             assert (await client.get("/health")).status_code == 503
 
@@ -174,6 +176,25 @@ def test_unknown_routes_and_methods_answer_in_openai_shape(model_dir, method, pa
 
     err = error_of(run(go()), status)
     assert path in err["message"]
+
+
+def test_routes_with_a_trailing_slash_are_served_not_redirected(model_dir):
+    svc = service(model_dir)
+    resp = run(post(svc, {"model": model_id(model_dir), "input": "x"}, path="/v1/embeddings/"))
+    assert resp.status_code == 200 and len(resp.json()["data"]) == 1
+
+    async def models():
+        async with client_for(svc) as client:
+            return await client.get("/v1/models/")
+
+    assert run(models()).json()["data"][0]["id"] == model_id(model_dir)
+
+
+@pytest.mark.parametrize("encoding", ["gzip", "deflate", "br", "zstd"])
+def test_a_compressed_body_is_415_before_it_is_read(model_dir, encoding):
+    headers = {"content-encoding": encoding, "content-type": "application/json"}
+    resp = run(post(service(model_dir), None, headers, raw=b"\x1f\x8b compressed bytes"))
+    error_of(resp, 415, code="unsupported_content_encoding", says=encoding)
 
 
 def test_body_over_the_byte_limit_is_413_declared_or_streamed(model_dir):
@@ -378,6 +399,49 @@ def test_large_requests_take_turns_while_small_ones_pass(model_dir, monkeypatch)
 
     assert run(go()) == [200, 200, 200]
     assert most[0] <= 2  # one large request at a time (plus the small one)
+
+
+def streamed(raw: bytes, read: list[int], piece: int = 64 * 1024):
+    """An ASGI ``receive`` sending ``raw`` in pieces without a declared length (as curl sends a file
+    with ``Transfer-Encoding: chunked``), counting in ``read[0]`` what the app has taken."""
+    pieces = [raw[i : i + piece] for i in range(0, len(raw), piece)]
+
+    async def receive():
+        if pieces:
+            read[0] += len(pieces[0])
+            return {"type": "http.request", "body": pieces.pop(0), "more_body": bool(pieces)}
+        await asyncio.sleep(3600)
+
+    return receive
+
+
+def test_a_large_body_sent_without_a_length_waits_for_its_turn_before_more_is_read(model_dir, monkeypatch):
+    svc = service(model_dir, max_concurrent_large_requests=1, body_read_timeout_s=0.5)
+    release = threading.Event()
+    prepare = svc._prepare
+
+    def gated(body):
+        if len(body) > ingress.LARGE_BODY_BYTES:
+            release.wait(10)
+        return prepare(body)
+
+    monkeypatch.setattr(svc, "_prepare", gated)
+    raw = orjson.dumps({"model": model_id(model_dir), "input": "word " * 600_000, "truncate": True})  # 3 MB
+    first_read, second_read = [0], [0]
+    headers = {"content-type": "application/json"}
+
+    async def go():
+        first = asyncio.create_task(call_asgi(svc, "POST", "/v1/embeddings", headers, streamed(raw, first_read)))
+        await asyncio.sleep(0.5)  # the first has its turn, and is held while it is parsed
+        second = asyncio.create_task(call_asgi(svc, "POST", "/v1/embeddings", headers, streamed(raw, second_read)))
+        await asyncio.sleep(1.0)  # longer than body_read_timeout_s: waiting for a turn is not the client's delay
+        held = second_read[0]
+        release.set()
+        return held, await first, await second
+
+    held, first, second = run(go())
+    assert first_read[0] == len(raw) and ingress.LARGE_BODY_BYTES < held <= ingress.LARGE_BODY_BYTES + 64 * 1024
+    assert first["status"] == second["status"] == 200, second["body"]
 
 
 # --- cancellation ------------------------------------------------------------------------------

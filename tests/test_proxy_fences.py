@@ -76,3 +76,32 @@ def test_serve_gets_starlette_middleware_from_the_callback():
     from starlette.middleware import Middleware
 
     assert [m.cls for m in middlewares()] == [ProxyFences] and all(isinstance(m, Middleware) for m in middlewares())
+
+
+def test_with_keys_set_every_path_but_health_needs_one_serves_own_routes_too():
+    async def serve_routes(scope, receive, send):  # Serve's /-/routes and /-/healthz, and the ingress
+        await JSONResponse({"/": "kalm"})(scope, receive, send)
+
+    async def go(path, headers=None):
+        transport = httpx.ASGITransport(app=ProxyFences(serve_routes, api_keys=["sk-1"]))
+        async with httpx.AsyncClient(transport=transport, base_url="http://proxy") as client:
+            return await client.get(path, headers=headers)
+
+    for path in ("/-/routes", "/-/healthz", "/v1/models", "/anything"):
+        resp = asyncio.run(go(path))
+        assert resp.status_code == 401 and resp.json()["error"]["code"] == "invalid_api_key", path
+        assert asyncio.run(go(path, {"authorization": "Bearer sk-1"})).status_code == 200
+    assert asyncio.run(go("/health")).status_code == 200
+    assert asyncio.run(go("/-/routes", {"authorization": "Bearer sk-2"})).status_code == 401
+
+
+def test_without_keys_serves_routes_answer_as_before():
+    async def serve_routes(scope, receive, send):
+        await JSONResponse({"/": "kalm"})(scope, receive, send)
+
+    async def go():
+        transport = httpx.ASGITransport(app=ProxyFences(serve_routes, api_keys=[]))
+        async with httpx.AsyncClient(transport=transport, base_url="http://proxy") as client:
+            return await client.get("/-/routes")
+
+    assert asyncio.run(go()).json() == {"/": "kalm"}

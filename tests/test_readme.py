@@ -3,7 +3,7 @@
 The commands and code blocks are read from the files themselves, so they cannot drift from
 what works. Only what must differ on a test machine is changed: the port (8000 -> a free one),
 the stand-in's folder (/tmp/kalm-standin -> a temporary ``kalm-standin``, so the served id is
-the same), ``.venv/bin/`` (-> the environment running the tests: the same one in CI) and
+the same), the corpus example's output folder, ``.venv/bin/`` (-> the environment running the tests: the same one in CI) and
 ``~/.cache/tiktoken`` (-> a temporary folder). ``scripts/test.sh`` is the suite itself, not run here.
 """
 
@@ -44,6 +44,7 @@ class Machine:
     def __init__(self, tmp: Path):
         self.port = free_port()
         self.standin = tmp / "kalm-standin"
+        self.vectors = tmp / "kalm-vectors"
         self.tiktoken_cache = tmp / "tiktoken-cache"
         # serve run's Ray marks its processes with its temp dir, and they are stopped by it (short: Ray's
         # socket paths have a length limit)
@@ -63,6 +64,7 @@ class Machine:
             text.replace("127.0.0.1:8000", f"127.0.0.1:{self.port}")
             .replace("--port 8000", f"--port {self.port}")
             .replace("/tmp/kalm-standin", str(self.standin))
+            .replace("/tmp/kalm-vectors", str(self.vectors))
             .replace("~/.cache/tiktoken", str(self.tiktoken_cache))
             .replace(".venv/bin/", f"{sys.prefix}/bin/")
         )
@@ -127,7 +129,34 @@ def test_serve_sh_without_a_model_fails_fast_saying_what_to_do(tmp_path):
     env.update(HF_HUB_OFFLINE="1", HF_HOME=str(tmp_path))
     out = subprocess.run(["scripts/serve.sh"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     print(out.stdout + out.stderr)
-    assert out.returncode != 0 and "KALM_MODEL" in out.stdout + out.stderr
+    said = out.stdout + out.stderr
+    assert out.returncode != 0 and "KALM_MODEL" in said
+    assert "python -m serve_app.testing.standin /tmp/kalm-standin --size tiny" in said  # the README's stand-in
+
+
+def test_the_corpus_example_runs_as_written_from_a_fresh_clone(tmp_path):
+    """The README's offline example, on the sample corpus the repository ships, into a fresh folder."""
+    import json
+
+    machine = Machine(tmp_path)
+    make, _ = quick_start_commands()
+    corpus = next(b for b in fenced_blocks(DOCS["README.md"], "bash") if "serve_app.corpus" in b).strip()
+    try:
+        machine.run(["bash", "-c", machine.here(make)])
+        out = subprocess.run(
+            ["bash", "-c", machine.here(corpus)], cwd=ROOT, env=machine.env, capture_output=True, text=True, timeout=600
+        )
+        print(out.stdout + out.stderr[-3000:])
+        assert out.returncode == 0, out.stderr[-3000:]
+        summary = json.loads((machine.vectors / "_summary.json").read_text())
+        rows = len((ROOT / "examples/corpus.jsonl").read_text().splitlines())
+        assert summary["complete"] and f"{rows} rows: {rows} embedded, 0 bad" in out.stdout
+        stages = [line.split(" ", 2)[2] for line in out.stderr.splitlines() if line.startswith("[corpus]")]
+        stages = [line for line in stages if " rows (" not in line]  # rows lines repeat by design
+        assert len(stages) == len(set(stages)), stages  # each status line once
+    finally:
+        kill_processes_mentioning(str(machine.ray_tmp))
+        shutil.rmtree(machine.ray_tmp, ignore_errors=True)
 
 
 def said_to_print(code: str) -> str | None:
@@ -147,3 +176,40 @@ def test_python_examples_run_against_the_quick_start_service(machine, doc, index
     printed = machine.run([sys.executable, "-c", machine.here(code)])
     said = said_to_print(code)
     assert said is None or printed.split() == said.split(), (printed, said)
+
+
+def test_serve_sh_says_once_where_it_serves_what_and_leaves_no_temp_config(machine):
+    log_path = machine.ray_tmp / "serve.log"
+    line = f"kalm-serve ready: http://127.0.0.1:{machine.port}/v1 serves model 'kalm-standin'"
+    deadline = time.monotonic() + 30  # the watcher polls once a second
+    while line not in log_path.read_text() and time.monotonic() < deadline:
+        time.sleep(0.5)
+    log = log_path.read_text()
+    assert log.count("kalm-serve ready") == 1 and line in log, log[-3000:]
+    config = re.search(r"Running config file: '([^']+)'", log).group(1)
+    assert config != "cluster/config.yaml" and not Path(config).exists()  # --port's copy, removed
+
+
+def test_on_one_machine_nothing_listens_beyond_loopback_without_the_token(machine):
+    """Every listening socket of the service's processes is on loopback, but Serve's inter-deployment
+    gRPC server (Ray binds it to all interfaces): that one refuses a client without Ray's token."""
+    import grpc
+    import psutil
+
+    ours = set()
+    for proc in psutil.process_iter():
+        try:
+            if proc.environ().get("RAY_TMPDIR") == str(machine.ray_tmp):
+                ours.add(proc.pid)
+        except psutil.Error:
+            continue
+    listening = [c for c in psutil.net_connections("tcp") if c.status == psutil.CONN_LISTEN and c.pid in ours]
+    assert any(c.laddr.port == machine.port for c in listening)
+    open_to_all = [c for c in listening if c.laddr.ip not in ("127.0.0.1", "::ffff:127.0.0.1", "::1")]
+    for conn in open_to_all:
+        assert "ServeReplica" in " ".join(psutil.Process(conn.pid).cmdline()), conn
+        channel = grpc.insecure_channel(f"127.0.0.1:{conn.laddr.port}")
+        call = channel.unary_unary("/ray.serve.ASGIService/HandleRequest", lambda b: b, lambda b: b)
+        with pytest.raises(grpc.RpcError) as refused:
+            call(b"", timeout=10)
+        assert refused.value.code() == grpc.StatusCode.UNAUTHENTICATED

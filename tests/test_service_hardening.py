@@ -142,3 +142,15 @@ def test_unknown_routes_docs_and_long_request_ids(service, tiny_model_dir):
     assert "longer than 128" in resp.headers["x-request-id-replaced"]
     assert len(resp.headers["x-request-id"]) == 32  # the proxy echoes the fresh id, not the 5,000 characters
     assert resp.headers["x-request-id"] in resp.headers["x-request-id-replaced"]
+
+
+def test_the_proxy_answers_bytes_that_are_not_http_in_openai_shape(service):
+    """uvicorn's own 400, rewritten by the connection fences the proxy callback installs."""
+    with socket.create_connection(("127.0.0.1", service.port), timeout=30) as sock:
+        sock.sendall(b"\x16\x03\x01 a TLS hello to a plain-HTTP port\r\n\r\n")
+        answer = b""
+        while chunk := sock.recv(65536):
+            answer += chunk
+    head, _, body = answer.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 400"), answer[:300]
+    assert json.loads(body)["error"]["code"] == "invalid_http_request"

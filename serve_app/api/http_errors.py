@@ -21,6 +21,7 @@ ERROR_TABLE: list[tuple[type[errors.KalmServeError], int, str, str | None]] = [
     (errors.MethodNotAllowedError, 405, "invalid_request_error", "method_not_allowed"),
     (errors.BodyReadTimeoutError, 408, "invalid_request_error", "request_timeout"),
     (errors.PayloadTooLargeError, 413, "invalid_request_error", "payload_too_large"),
+    (errors.UnsupportedContentEncodingError, 415, "invalid_request_error", "unsupported_content_encoding"),
     (errors.HeadersTooLargeError, 431, "invalid_request_error", "headers_too_large"),
     # nginx's "client closed request": nobody reads it, but metrics and logs count it as the client's doing
     (errors.ClientDisconnectedError, 499, "invalid_request_error", "client_closed"),

@@ -95,7 +95,9 @@ def resolve_model_dir(name_or_path: str | os.PathLike) -> Path:
             f"{str(exc).splitlines()[0] if str(exc) else 'no detail'}). Point at a local copy "
             f"instead: download it where the hub is reachable (`hf download {name} "
             f"--local-dir DIR`), copy DIR here and set KALM_MODEL=DIR (or pass the directory "
-            f"as the model)."
+            f"as the model). To try the service without the model, serve a stand-in with random "
+            f"weights: `.venv/bin/python -m serve_app.testing.standin /tmp/kalm-standin --size tiny`, then "
+            f"KALM_MODEL=/tmp/kalm-standin."
         ) from exc
 
 

@@ -3,7 +3,6 @@
 ::
 
     [corpus] 0:00:00 starting a local Ray
-    [corpus] 0:00:05 starting a local Ray                           (repeated while a stage lasts)
     [corpus] 0:00:33 planning: counting the rows of 1 input file
     [corpus] 0:00:36 loading the model on 2 encoder actors (1 CPU each)
     [corpus] 0:01:20 250/2,000 rows (12.5%) | 0 bad | 4,410 tokens | 101 tokens/s | eta 0:05:06
@@ -33,8 +32,9 @@ def clock(seconds: float) -> str:
 
 @dataclass
 class Progress:
-    """Status lines: one when a stage starts, one per finished part (at most every ``interval`` s),
-    the current one again every ``interval`` s while nothing else is printed, and exactly one final line.
+    """Status lines: one when a stage starts (once: a stage's line said again reads as a stage
+    restarting), one per finished part (at most every ``interval`` s), the rows line again every
+    ``interval`` s while embedding and nothing else is printed, and exactly one final line.
 
     Use it as a context manager: the repeating runs in a thread while the job waits on Ray.
     """
@@ -51,7 +51,6 @@ class Progress:
     tokens: int = 0
     first_ready_at: float | None = None  # wall clock when the first encoder actor had its model loaded
     dtypes: set[str] = field(default_factory=set)  # what the encoders ran in (auto may differ between nodes)
-    _stage: str = field(default="", init=False)
     _embedding_since: float | None = field(default=None, init=False)
     _finished: bool = field(default=False, init=False)
     _printed_at: float = field(default=0.0, init=False)
@@ -70,9 +69,8 @@ class Progress:
             self._repeater.join()
 
     def stage(self, what: str) -> None:
-        """A new stage starts: say so now, and again every ``interval`` s until the next line."""
+        """A new stage starts: say so, once."""
         with self._lock:
-            self._stage = what
             self._print(what)
 
     def note(self, what: str) -> None:
@@ -130,11 +128,9 @@ class Progress:
     def _repeat(self) -> None:
         while not self._stop.wait(min(1.0, self.interval)):
             with self._lock:
-                if self._finished or time.perf_counter() - self._printed_at < self.interval:
+                if self._finished or self.parts == 0 or time.perf_counter() - self._printed_at < self.interval:
                     continue
-                if self.parts == 0:
-                    self._print(self._stage)
-                elif self._done() < self.total_rows:  # the 100 % line is finish()'s alone
+                if self._done() < self.total_rows:  # the 100 % line is finish()'s alone
                     self._print(self._rows_line())
 
 

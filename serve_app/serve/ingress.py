@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import hmac
 import logging
 import time
 import uuid
@@ -32,6 +31,7 @@ from starlette.responses import Response
 
 from .. import environment
 from ..api import token_ids
+from ..api.api_keys import authenticate
 from ..api.http_errors import error_response, status_of
 from ..api.protocol import TokenizedRequest, parse_request, validate_and_tokenize
 from ..api.rendering import render_embeddings, render_models
@@ -40,7 +40,6 @@ from ..core.checkpoint import read_model_files
 from ..core.tokenization import TextTokenizer
 from ..core.vectors import truncate_dimensions
 from ..errors import (
-    AuthenticationError,
     BodyReadTimeoutError,
     ClientDisconnectedError,
     HeadersTooLargeError,
@@ -48,7 +47,9 @@ from ..errors import (
     MethodNotAllowedError,
     PayloadTooLargeError,
     RouteNotFoundError,
+    UnsupportedContentEncodingError,
 )
+from . import memory
 from .dispatch import EncoderHandle, embed_on_replicas
 from .logs import route_core_logs_to_serve
 from .metrics import IngressMetrics
@@ -144,6 +145,7 @@ class EmbeddingsService:
         """FastAPI's own 404 and 405, in OpenAI's shape (what OpenAI answers for an unknown URL)."""
 
         async def body(request: Request, timings: RequestTimings) -> Response:
+            self._authenticate(request)  # every route but /health needs the key, an unknown one too
             where = f"{request.method} {request.url.path}"
             if exc.status_code == 405:
                 raise MethodNotAllowedError(f"method not allowed: {where}")
@@ -216,20 +218,30 @@ class EmbeddingsService:
 
     async def _embeddings(self, request: Request, timings: RequestTimings) -> Response:
         self._authenticate(request)
+        encoding = request.headers.get("content-encoding", "identity").strip().lower()
+        if encoding not in ("", "identity"):  # a compressed body would escape the byte limit once inflated
+            raise UnsupportedContentEncodingError(
+                f"Content-Encoding {encoding!r} is not supported: send the JSON body uncompressed"
+            )
         limit = self.config.max_body_bytes
         declared = request.headers.get("content-length", "")
         if declared.isdigit() and int(declared) > limit:
             raise PayloadTooLargeError(f"request body is larger than the limit of {limit} bytes")
-        # A large request waits for its turn before its body is read (or, sent without a length,
-        # once it is): the bodies, parsed JSON and tokenisations in memory at once are bounded, and
+        # A large request waits for its turn before its body is read (sent without a length, once
+        # the part received passes LARGE_BODY_BYTES, before more is read): the bodies, parsed JSON
+        # and tokenisations in memory at once are bounded, whatever the client's upload pattern, and
         # CPU is left for small requests. Parsing and tokenising run off the event loop.
         declared_large = declared.isdigit() and int(declared) > LARGE_BODY_BYTES
-        async with self._turn(declared_large):
-            body = await self._read_body(request)
+        async with contextlib.AsyncExitStack() as turn:
+            if declared_large:
+                await turn.enter_async_context(self.large_requests)
+            body = await self._read_body(request, None if declared_large else turn)
+            large = len(body) > LARGE_BODY_BYTES
             t0 = time.perf_counter()
-            async with self._turn(not declared_large and len(body) > LARGE_BODY_BYTES):
-                tokenized = await asyncio.to_thread(self._validate_and_tokenize, body)
+            tokenized = await asyncio.to_thread(self._validate_and_tokenize, body)
             del body
+        if large:  # its body, text and JSON are freed: their pages go back to the OS (serve/memory.py)
+            await asyncio.to_thread(memory.trim)
         timings.tokenization_s = time.perf_counter() - t0
         timings.inputs, timings.tokens = len(tokenized.token_ids), tokenized.n_tokens
         embedded = await embed_on_replicas(
@@ -247,10 +259,6 @@ class EmbeddingsService:
         vectors = truncate_dimensions(embedded.vectors, tokenized.dimensions)
         return _json(render_embeddings(vectors, tokenized.encoding_format, self.config.model_id, tokenized.n_tokens))
 
-    def _turn(self, large: bool) -> contextlib.AbstractAsyncContextManager:
-        """The large requests' turn, or nothing to wait for (small requests do not take turns)."""
-        return self.large_requests if large else contextlib.nullcontext()
-
     def _validate_and_tokenize(self, body: bytearray) -> TokenizedRequest:
         """Parse, validate, tokenise: CPU work, run in a thread."""
         req = parse_request(body, self.config, self.tokenizer.max_input_tokens)
@@ -266,16 +274,30 @@ class EmbeddingsService:
             )
 
     def _authenticate(self, request: Request) -> None:
-        if not self.api_keys:
-            return
-        header = request.headers.get("authorization", "")
-        scheme, _, key = header.partition(" ")
-        if scheme.lower() != "bearer" or not any(hmac.compare_digest(key.strip().encode(), k) for k in self.api_keys):
-            raise AuthenticationError("Incorrect or missing API key: send 'Authorization: Bearer <key>'")
+        authenticate(request.headers.get("authorization", ""), self.api_keys)
 
-    async def _read_body(self, request: Request) -> bytearray:
+    async def _read_body(self, request: Request, turn: contextlib.AsyncExitStack | None) -> bytearray:
+        """The body, within ``body_read_timeout_s``. With ``turn`` (no declared length), the request
+        takes its large-request turn in ``turn`` once past LARGE_BODY_BYTES; that wait is not the
+        client's and does not count."""
+        limit = self.config.max_body_bytes
+        body = bytearray()  # not copied to bytes later: orjson reads a bytearray, and a 32 MiB copy is 32 MiB more
+        deadline = time.monotonic() + self.config.body_read_timeout_s
+        chunks = request.stream()
         try:
-            return await asyncio.wait_for(self._receive_body(request), self.config.body_read_timeout_s)
+            while True:
+                try:
+                    chunk = await asyncio.wait_for(anext(chunks), max(0.0, deadline - time.monotonic()))
+                except StopAsyncIteration:
+                    return body
+                body += chunk
+                if len(body) > limit:
+                    raise PayloadTooLargeError(f"request body is larger than the limit of {limit} bytes")
+                if turn is not None and len(body) > LARGE_BODY_BYTES:
+                    waiting_since = time.monotonic()
+                    await turn.enter_async_context(self.large_requests)
+                    deadline += time.monotonic() - waiting_since
+                    turn = None
         except asyncio.TimeoutError:
             raise BodyReadTimeoutError(
                 f"request body not received within {self.config.body_read_timeout_s:g}s"
@@ -285,15 +307,6 @@ class EmbeddingsService:
             # streams the body to us once its client has gone.
             raise ClientDisconnectedError("the client closed the connection while sending its body") from None
 
-    async def _receive_body(self, request: Request) -> bytearray:
-        limit = self.config.max_body_bytes
-        body = bytearray()
-        async for chunk in request.stream():
-            body += chunk
-            if len(body) > limit:
-                raise PayloadTooLargeError(f"request body is larger than the limit of {limit} bytes")
-        return body  # not copied to bytes: orjson reads a bytearray, and a 32 MiB copy is 32 MiB more
-
 
 def build_http_app(service: EmbeddingsService) -> FastAPI:
     """The ingress's ASGI app: the OpenAI routes, and OpenAI-shaped answers for everything else.
@@ -301,9 +314,10 @@ def build_http_app(service: EmbeddingsService) -> FastAPI:
     No OpenAPI schema or docs routes: they would answer without a key.
     """
     app = FastAPI(title="KaLM embeddings", openapi_url=None, docs_url=None, redoc_url=None)
-    app.add_api_route("/v1/embeddings", service.embeddings, methods=["POST"])
-    app.add_api_route("/v1/models", service.models, methods=["GET"])
-    app.add_api_route("/health", service.health, methods=["GET"])
+    for slash in ("", "/"):  # with a trailing slash served, not redirected: a redirected POST loses its body
+        app.add_api_route(f"/v1/embeddings{slash}", service.embeddings, methods=["POST"])
+        app.add_api_route(f"/v1/models{slash}", service.models, methods=["GET"])
+    app.add_api_route("/health", service.health, methods=["GET", "HEAD"])
     app.add_exception_handler(HTTPException, service.unknown_route)  # type: ignore[arg-type]
 
     async def invalid(request: Request, exc: Exception) -> Response:  # routes take no typed parameters
@@ -320,6 +334,7 @@ class EmbeddingsIngress:
 
     def __init__(self, encoder: Any, config: dict):
         route_core_logs_to_serve()
+        memory.return_big_buffers()
         cfg = ServiceConfig(**config)
         files = read_model_files(cfg.model)
         tokenizer = TextTokenizer(files, cfg.max_input_tokens)

@@ -1,8 +1,10 @@
-"""Fences in Ray Serve's HTTP proxy, in front of every ingress: a bounded request id, and the
-proxy's own error answers in OpenAI's shape.
+"""Fences in Ray Serve's HTTP proxy, in front of every ingress: a bounded request id, the API key on
+Serve's own routes too, and the proxy's own error answers in OpenAI's shape.
 
 Serve's proxy answers some requests itself, in plain text (its back-pressure 503, a 500 when an
-ingress replica dies mid-request), and echoes the client's ``x-request-id`` at any length. Serve
+ingress replica dies mid-request), and echoes the client's ``x-request-id`` at any length; its ``/-/routes`` and ``/-/healthz`` answer
+anyone. With ``KALM_API_KEYS`` set, every path but ``/health`` needs a key here (the ingress checks
+its own routes as well, for proxies without these fences). Serve
 runs this module's middleware in each proxy when the Ray cluster's environment has
 
     RAY_SERVE_HTTP_PROXY_CALLBACK_IMPORT_PATH=serve_app.serve.proxy_fences:middlewares
@@ -13,12 +15,18 @@ Without it the ingress still bounds what it logs, and says so in ``x-request-id-
 
 from __future__ import annotations
 
+import asyncio
 import uuid
 
+from starlette.datastructures import Headers
 from starlette.middleware import Middleware
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from ..api.http_errors import error_body
+from .. import environment
+from ..api.api_keys import OPEN_PATHS, authenticate
+from ..api.http_errors import error_body, error_response
+from ..errors import AuthenticationError
+from . import memory, proxy_connections
 
 #: Longest ``x-request-id`` used as given; a longer (or non-printable) one is replaced by a fresh id.
 MAX_REQUEST_ID_CHARS = 128
@@ -40,14 +48,21 @@ def replaced_note(fresh_id: str) -> str:
 class ProxyFences:
     """Pure ASGI middleware (it runs before Serve's own request-id middleware)."""
 
-    def __init__(self, app: ASGIApp):
+    def __init__(self, app: ASGIApp, api_keys: list[str] | None = None):
         self.app = app
+        self.api_keys = [k.encode() for k in (environment.api_keys() if api_keys is None else api_keys)]
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
         note = self._bound_request_id(scope)
+        if scope["path"] not in OPEN_PATHS:
+            try:
+                authenticate(Headers(scope=scope).get("authorization", ""), self.api_keys)
+            except AuthenticationError as exc:
+                await error_response(exc, "")(scope, receive, send)
+                return
         held: list[Message] = []
 
         async def send_openai_shaped(message: Message) -> None:
@@ -66,7 +81,19 @@ class ProxyFences:
                 return
             await send(message)
 
-        await self.app(scope, receive, send_openai_shaped)
+        received = 0
+
+        async def receive_counted() -> Message:
+            nonlocal received
+            message = await receive()
+            received += len(message.get("body", b""))
+            return message
+
+        try:
+            await self.app(scope, receive_counted, send_openai_shaped)
+        finally:
+            if received > memory.TRIM_AFTER_BYTES:  # the proxy held the body in pieces: hand them back
+                await asyncio.to_thread(memory.trim)
 
     @staticmethod
     def _bound_request_id(scope: Scope) -> str | None:
@@ -93,4 +120,6 @@ class ProxyFences:
 
 def middlewares() -> list[Middleware]:
     """What Serve's ``RAY_SERVE_HTTP_PROXY_CALLBACK_IMPORT_PATH`` calls in each proxy."""
+    proxy_connections.install()
+    memory.return_big_buffers()  # the proxy holds each body it forwards
     return [Middleware(ProxyFences)]
