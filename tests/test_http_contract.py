@@ -418,14 +418,14 @@ def streamed(raw: bytes, read: list[int], piece: int = 64 * 1024):
 def test_a_large_body_sent_without_a_length_waits_for_its_turn_before_more_is_read(model_dir, monkeypatch):
     svc = service(model_dir, max_concurrent_large_requests=1, body_read_timeout_s=0.5)
     release = threading.Event()
-    prepare = svc._prepare
+    prepare = svc._validate_and_tokenize
 
     def gated(body):
         if len(body) > ingress.LARGE_BODY_BYTES:
             release.wait(10)
         return prepare(body)
 
-    monkeypatch.setattr(svc, "_prepare", gated)
+    monkeypatch.setattr(svc, "_validate_and_tokenize", gated)
     raw = orjson.dumps({"model": model_id(model_dir), "input": "word " * 600_000, "truncate": True})  # 3 MB
     first_read, second_read = [0], [0]
     headers = {"content-type": "application/json"}
