@@ -198,6 +198,22 @@ class ServeProcess:
         sd = json.loads(next(self.ray_tmp.glob("ray/session_latest/prom_metrics_service_discovery.json")).read_text())
         return [f"http://{target}/metrics" for group in sd for target in group["targets"]]
 
+    def scrape_metrics(self, wait_s: float = 30) -> str:
+        """Every node's Prometheus text, joined. An endpoint not listening yet (Ray starts its
+        exporters beside the node, later on a loaded machine) is asked again for up to ``wait_s``."""
+        texts = []
+        for url in self.metrics_urls():
+            deadline = time.monotonic() + wait_s
+            while True:
+                try:
+                    texts.append(httpx.get(url, timeout=10).text)
+                    break
+                except httpx.ConnectError:
+                    if time.monotonic() > deadline:
+                        raise
+                    time.sleep(1)
+        return "\n".join(texts)
+
     def log(self) -> str:
         return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
 

@@ -89,10 +89,6 @@ def test_a_503_part_way_through_a_request_drops_its_queued_chunks(service, tiny_
     assert "Traceback" not in service.log()[log_before:]  # a full queue is an answer, not a failure to log
 
 
-def scrape(service) -> str:
-    return "\n".join(httpx.get(url, timeout=10).text for url in service.metrics_urls())
-
-
 def test_a_client_gone_mid_upload_is_counted_as_cancelled_without_traceback_or_5xx(service):
     log_before = len(service.log())
     for _ in range(3):
@@ -105,7 +101,7 @@ def test_a_client_gone_mid_upload_is_counted_as_cancelled_without_traceback_or_5
     deadline, text = time.monotonic() + 90, ""
     while time.monotonic() < deadline and not re.search(r'kalm_requests_total\{[^}]*status="499"', text):
         time.sleep(3)  # Ray exports on a ~10 s cycle
-        text = scrape(service)
+        text = service.scrape_metrics()
     assert re.search(r'^ray_kalm_requests_total\{[^}]*status="499"', text, flags=re.M)
     # (the 503 of the overload test above is the only 5xx this service gives)
     server_errors = re.findall(r'^ray_kalm_requests_total\{[^}]*status="5(?!03)\d\d"[^}]*\}', text, flags=re.M)

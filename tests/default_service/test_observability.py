@@ -22,10 +22,6 @@ def documented_metrics() -> list[str]:
     return re.findall(r"^\| `(ray_kalm_\w+)`", section, flags=re.M)
 
 
-def scrape(service) -> str:
-    return "\n".join(httpx.get(url, timeout=10).text for url in service.metrics_urls())
-
-
 def test_every_documented_metric_is_exported(service, tiny_model_dir):
     names = documented_metrics()
     assert len(names) >= 12
@@ -36,7 +32,7 @@ def test_every_documented_metric_is_exported(service, tiny_model_dir):
     deadline, missing = time.monotonic() + 90, names
     while missing and time.monotonic() < deadline:  # Ray exports on a ~10 s cycle
         time.sleep(3)
-        text = scrape(service)
+        text = service.scrape_metrics()
         missing = [n for n in names if not re.search(rf"^{n}(_bucket|_sum|_count|_total)?{{", text, flags=re.M)]
     assert not missing, f"not exported: {missing}"
     assert re.search(r'^ray_kalm_request_failures_total\{[^}]*reason="validation"', text, flags=re.M)
