@@ -9,6 +9,7 @@ YAML under ``deployments:``, as Ray Serve defines them.
 from __future__ import annotations
 
 import os
+import re
 from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
@@ -46,7 +47,11 @@ class ModelConfig(BaseModel):
     @field_validator("model")
     @classmethod
     def _expand_environment(cls, v: str) -> str:
-        return os.path.expandvars(v)
+        expanded = os.path.expandvars(v)
+        unset = re.search(r"\$\{?(\w+)", expanded)
+        if unset:
+            raise ValueError(f"model {v!r} names the environment variable {unset.group(1)}, which is not set")
+        return expanded
 
 
 class ServiceConfig(BaseModel):

@@ -52,14 +52,17 @@ def wants_gpu(device: str) -> bool:
     return device == "cuda" or (device == "auto" and cluster_gpus() >= 1)
 
 
-def encoder_replica_resources(device: str, num_cpus: float | None, num_gpus: float = 1.0) -> dict:
+def encoder_replica_resources(
+    device: str, num_cpus: float | None, num_gpus: float = 1.0, cpu_share: float = 1.0
+) -> dict:
     """``ray_actor_options`` of a service encoder replica: ``num_gpus`` GPUs (a fraction puts
-    several replicas on one GPU) on GPU clusters, else ``num_cpus`` (default: a node's, at most 8)."""
+    several replicas on one GPU) on GPU clusters, else ``num_cpus`` (default: a node's, at most 8;
+    ``cpu_share``: the part of a node one of several served models takes, 1/models each)."""
     if wants_gpu(device):
         return {"num_gpus": num_gpus, "num_cpus": GPU_REPLICA_CPUS}
     if num_cpus is not None:
         return {"num_cpus": num_cpus}
-    return {"num_cpus": max(1, min(MAX_REPLICA_CPUS, max(node_cpus(), default=1)))}
+    return {"num_cpus": max(1, min(MAX_REPLICA_CPUS, math.floor(max(node_cpus(), default=1) * cpu_share)))}
 
 
 def encoder_replica_counts(device: str, num_gpus: float = 1.0, gpu_share: float = 1.0) -> tuple[int, int]:

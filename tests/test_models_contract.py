@@ -84,6 +84,25 @@ def test_models_take_unset_fields_from_the_top_level_and_read_the_environment(mo
     assert first.models == second.models == []
 
 
+def test_the_two_model_example_config_serves_the_two_models_its_environment_names(monkeypatch, tiny_model_dir):
+    import yaml
+
+    from tests.service_harness import ROOT
+
+    monkeypatch.setenv("KALM_MODEL", str(tiny_model_dir))
+    monkeypatch.setenv("KALM_MODEL_2", "/models/kalm-v2.5")
+    app = yaml.safe_load((ROOT / "cluster" / "two-models.yaml").read_text())["applications"][0]
+    served = ServiceConfig(**app["args"]).served_models()
+    assert [(m.model, m.encoder_deployment) for m in served] == [
+        (str(tiny_model_dir), "KalmEncoder"),
+        ("/models/kalm-v2.5", "KalmEncoder2"),
+    ]
+    assert {d["name"] for d in app["deployments"]} == {"EmbeddingsIngress", "KalmEncoder", "KalmEncoder2"}
+    monkeypatch.delenv("KALM_MODEL_2")
+    with pytest.raises(ValueError, match="KALM_MODEL_2, which is not set"):
+        ServiceConfig(**app["args"])
+
+
 def test_two_models_may_not_answer_to_the_same_id(tiny_model_dir, tiny_model_dir_no_eos):
     with pytest.raises(ValueError, match="model id 'both'"):
         ServiceConfig(

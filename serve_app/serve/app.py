@@ -32,11 +32,13 @@ def build_app(args: dict | None = None) -> Application:
     config = ServiceConfig(**(args or {}))
     served = config.served_models()
     models = []
+    share = 1 / len(served)  # of the GPUs, or of a node's CPUs, each model starts on
     for model in served:
         files = read_model_files(model.model)  # raises ModelLoadError with the way out
         model = model.model_copy(update={"model": str(files.path)} if os.path.isdir(model.model) else {})
-        share = 1 / len(served)
-        resources = placement.encoder_replica_resources(model.device, model.encoder_num_cpus, model.encoder_num_gpus)
+        resources = placement.encoder_replica_resources(
+            model.device, model.encoder_num_cpus, model.encoder_num_gpus, share
+        )
         initial, most = placement.encoder_replica_counts(model.device, model.encoder_num_gpus, share)
         log.info(
             "building app: model=%s model_id=%s deployment=%s encoder replicas: %d at start (at most %d), resources %s",

@@ -12,8 +12,8 @@ from ray.serve import metrics
 from ..batching.planning import BatchStats
 
 LATENCY_BUCKETS_S = [0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300]
-ROW_BUCKETS = [1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024]
-TOKEN_BUCKETS = [16, 64, 128, 256, 512, 1024, 2048, 4096, 8192, 16384, 32768, 65536]
+ROW_BUCKETS: list[float] = [1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024]
+TOKEN_BUCKETS: list[float] = [16, 64, 128, 256, 512, 1024, 2048, 4096, 8192, 16384, 32768, 65536]
 FRACTION_BUCKETS = [0.01, 0.02, 0.05, 0.1, 0.15, 0.2, 0.3, 0.5, 0.75, 1.0]
 
 #: The ``model`` label of a request that named no served model (or failed before naming one).
