@@ -76,15 +76,15 @@ def test_each_model_answers_with_its_own_vectors_on_its_own_replicas(service, en
     texts = ["What is Ray Serve?", "东京是日本的首都。"]
     first, second = encoders.values()
     assert not np.allclose(first.encode(texts), second.encode(texts), atol=1e-3)  # the two models differ
+    before = replica_stats(service)
     for name, encoder in encoders.items():
-        before = replica_stats(service)
         resp = httpx.post(service.base_url + "/v1/embeddings", json={"model": name, "input": texts}, timeout=120)
         assert resp.status_code == 200, resp.text
         got = np.array([d["embedding"] for d in resp.json()["data"]], np.float32)
-        np.testing.assert_allclose(got, encoder.encode(texts), atol=1e-6)
-        after = replica_stats(service)
-        computed = {d: after[d]["calls"] - before[d]["calls"] for d in after}
-        assert [after[d]["model"] for d in computed if computed[d]] == [name]  # never the other's replicas
+        np.testing.assert_allclose(got, encoder.encode(texts), atol=1e-6)  # only its own weights give these
+    after = replica_stats(service)
+    # one call on each model's replica and no other: neither request computed on the other model's replica
+    assert {after[d]["model"]: after[d]["calls"] - before[d]["calls"] for d in after} == {name: 1 for name in encoders}
 
 
 def expected_scores(encoder, query, documents):
