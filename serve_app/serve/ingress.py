@@ -7,8 +7,9 @@ Request flow: headers (size-bounded) → body (size- and time-bounded; large bod
 and score: cosine similarities, ``api/rerank.py``). Every route that embeds shares this path.
 
 ``EmbeddingsService`` does all of it given the served models (``serve/models.py``), each with any
-encoder handle (``embed.remote(...)``, ``health.remote()``), and ``build_http_app`` puts it behind FastAPI routes, so tests run the
-whole HTTP contract in-process with a fake handle; ``EmbeddingsIngress`` is the Ray Serve shell.
+encoder handle (``embed.remote(...)``, ``health.remote()``), and ``build_http_app`` puts it behind
+FastAPI routes, so tests run the whole HTTP contract in-process with fake handles;
+``EmbeddingsIngress`` is the Ray Serve shell.
 """
 
 from __future__ import annotations
