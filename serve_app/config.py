@@ -9,14 +9,49 @@ YAML under ``deployments:``, as Ray Serve defines them.
 from __future__ import annotations
 
 import os
+import re
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from . import environment
 
 #: How token-id inputs are read (``serve_app.api.token_ids``).
 TokenIdInputs = Literal["openai", "model", "reject"]
+
+#: The Serve deployment of the first (or only) model's encoder replicas: users' Serve YAML,
+#: dashboards and logs refer to it. The n-th model's is KalmEncoder<n> unless it names its own.
+FIRST_ENCODER_DEPLOYMENT = "KalmEncoder"
+
+
+class ModelConfig(BaseModel):
+    """One of several served models (``models:``). A field left out takes the service's top-level
+    value of the same name (ServiceConfig documents each)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    model: str = Field(description="Hub id or local directory; ${VAR} is replaced by the environment variable VAR.")
+    served_model_name: str | None = None
+    model_aliases: list[str] | None = None
+    trust_remote_code: bool | None = None
+    device: str | None = None
+    dtype: str | None = None
+    encoder_num_cpus: float | None = None
+    encoder_num_gpus: float | None = Field(None, gt=0, le=1)
+    max_input_tokens: int | None = Field(None, gt=0)
+    default_query_instruction: str | None = None
+    max_batch_tokens: int | None = Field(None, gt=0)
+    interactive_batch_tokens: int | None = Field(None, gt=0)
+    encoder_deployment: str | None = None
+
+    @field_validator("model")
+    @classmethod
+    def _expand_environment(cls, v: str) -> str:
+        expanded = os.path.expandvars(v)
+        unset = re.search(r"\$\{?(\w+)", expanded)
+        if unset:
+            raise ValueError(f"model {v!r} names the environment variable {unset.group(1)}, which is not set")
+        return expanded
 
 
 class ServiceConfig(BaseModel):
@@ -39,6 +74,16 @@ class ServiceConfig(BaseModel):
         False,
         description="Run the model repository's own Python code. Off: "
         "KaLM v2 is built from stock transformers modules.",
+    )
+    encoder_deployment: str = Field(
+        FIRST_ENCODER_DEPLOYMENT,
+        description="Serve deployment name of the model's encoder replicas (the name `deployments:` entries use).",
+    )
+    models: list[ModelConfig] = Field(
+        default_factory=list,
+        description="Several models behind the one ingress, each with its own encoder deployment (own "
+        "replicas, autoscaling and placement), chosen by the request's `model`; fields an entry leaves out "
+        "come from the top level. Empty: the one model the top-level fields describe (docs/migrating-models.md).",
     )
 
     # --- where it runs ----------------------------------------------------------------
@@ -163,6 +208,31 @@ class ServiceConfig(BaseModel):
         if v not in ("auto", "cpu", "cuda"):
             raise ValueError("device must be auto, cpu or cuda")
         return v
+
+    @model_validator(mode="after")
+    def _check_model_ids(self) -> ServiceConfig:
+        seen: dict[str, str] = {}
+        for served in self.served_models():
+            for model_id in served.accepted_model_ids:
+                if seen.setdefault(model_id, served.model) != served.model:
+                    raise ValueError(f"model id {model_id!r} names both {seen[model_id]!r} and {served.model!r}")
+        return self
+
+    def served_models(self) -> list[ServiceConfig]:
+        """Each served model as a single-model config (what its encoder replicas and its requests use):
+        this config itself when ``models`` is empty, else each entry over the top-level fields."""
+        if not self.models:
+            return [self]
+        return [
+            self.model_copy(
+                update={
+                    "encoder_deployment": FIRST_ENCODER_DEPLOYMENT if n == 1 else f"{FIRST_ENCODER_DEPLOYMENT}{n}",
+                    **entry.model_dump(exclude_unset=True, exclude_none=True),
+                    "models": [],
+                }
+            )
+            for n, entry in enumerate(self.models, start=1)
+        ]
 
     @property
     def model_id(self) -> str:

@@ -52,40 +52,44 @@ def wants_gpu(device: str) -> bool:
     return device == "cuda" or (device == "auto" and cluster_gpus() >= 1)
 
 
-def encoder_replica_resources(device: str, num_cpus: float | None, num_gpus: float = 1.0) -> dict:
+def encoder_replica_resources(
+    device: str, num_cpus: float | None, num_gpus: float = 1.0, cpu_share: float = 1.0
+) -> dict:
     """``ray_actor_options`` of a service encoder replica: ``num_gpus`` GPUs (a fraction puts
-    several replicas on one GPU) on GPU clusters, else ``num_cpus`` (default: a node's, at most 8)."""
+    several replicas on one GPU) on GPU clusters, else ``num_cpus`` (default: a node's, at most 8;
+    ``cpu_share``: the part of a node one of several served models takes, 1/models each)."""
     if wants_gpu(device):
         return {"num_gpus": num_gpus, "num_cpus": GPU_REPLICA_CPUS}
     if num_cpus is not None:
         return {"num_cpus": num_cpus}
-    return {"num_cpus": max(1, min(MAX_REPLICA_CPUS, max(node_cpus(), default=1)))}
+    return {"num_cpus": max(1, min(MAX_REPLICA_CPUS, math.floor(max(node_cpus(), default=1) * cpu_share)))}
 
 
-def encoder_replica_counts(device: str, num_gpus: float = 1.0) -> tuple[int, int]:
+def encoder_replica_counts(device: str, num_gpus: float = 1.0, gpu_share: float = 1.0) -> tuple[int, int]:
     """Encoder replicas at deploy time and at most: on GPU clusters every GPU there is used at
-    once (GPUs / ``num_gpus`` replicas), instead of waiting for load to scale up one by one."""
+    once (GPUs / ``num_gpus`` replicas), instead of waiting for load to scale up one by one.
+    ``gpu_share``: the part of the GPUs one of several served models starts on (1/models each)."""
     if not wants_gpu(device):
         return 1, MAX_ENCODER_REPLICAS
-    fitting = max(1, math.floor(cluster_gpus() / num_gpus + 1e-9))
+    fitting = max(1, math.floor(cluster_gpus() * gpu_share / num_gpus + 1e-9))
     return fitting, max(MAX_ENCODER_REPLICAS, fitting)
 
 
-def ingress_options(device: str, num_gpus: float = 1.0) -> dict:
+def ingress_options(device: str, num_gpus: float = 1.0, models: int = 1) -> dict:
     """``num_replicas`` and ``ray_actor_options`` of the ingress deployment.
 
     CPU-only clusters: two replicas reserving no CPU (the encoders own the cores; tokenising is
     light next to a CPU model). GPU clusters: one replica per GPU (at least two, each its own
     event loop) reserving INGRESS_CPUS_PER_GPU CPUs per GPU between them, as far as the cluster's
     CPUs go once every encoder replica has its own; a cluster too small to give each at least
-    one CPU gets the CPU-only answer.
+    one CPU gets the CPU-only answer. ``models``: served models, each starting on its share of the GPUs.
     """
     unreserved = {"num_replicas": MIN_INGRESS_REPLICAS, "ray_actor_options": {"num_cpus": 0}}
     gpus = cluster_gpus() if wants_gpu(device) else 0
     if gpus == 0:
         return unreserved
     replicas = max(MIN_INGRESS_REPLICAS, gpus)
-    spare = sum(node_cpus()) - encoder_replica_counts(device, num_gpus)[0] * GPU_REPLICA_CPUS
+    spare = sum(node_cpus()) - models * encoder_replica_counts(device, num_gpus, 1 / models)[0] * GPU_REPLICA_CPUS
     per_replica = math.floor(2 * min(INGRESS_CPUS_PER_GPU * gpus, spare) / replicas) / 2  # half CPUs
     if per_replica < 1:
         return unreserved

@@ -20,6 +20,7 @@ from serve_app.config import ServiceConfig
 from serve_app.core.tokenization import TextTokenizer
 from serve_app.errors import OverloadedError
 from serve_app.serve.ingress import EmbeddingsService, build_http_app
+from serve_app.serve.models import ServedModel, ServedModels
 
 DIMENSIONS = 64  # the tiny stand-in's
 
@@ -86,23 +87,37 @@ class FakeEncoder:
 class RecordingMetrics:
     def __init__(self):
         self.requests: list[tuple[str, int]] = []
+        self.models: list[str] = []  # each request's model label
 
-    def record(self, route: str, status: int, seconds: float) -> None:
+    def record(self, route: str, status: int, seconds: float, model: str) -> None:
         self.requests.append((route, status))
+        self.models.append(model)
 
     def record_embedding(self, *args) -> None:
         pass
 
 
 def make_service(
-    model_dir, encoder: FakeEncoder | None = None, api_keys=(), tokenizers: dict | None = None, **config
+    model_dir,
+    encoder: FakeEncoder | None = None,
+    api_keys=(),
+    tokenizers: dict | None = None,
+    encoders: list[FakeEncoder] | None = None,
+    **config,
 ) -> EmbeddingsService:
+    """The ingress over fake encoders: one model in ``model_dir``, or with ``models=[...]`` in the
+    config, one fake encoder per model (``encoders``, else new ones)."""
     cfg = ServiceConfig(model=str(model_dir), **config)
-    key = (str(model_dir), cfg.max_input_tokens)
+    served = cfg.served_models()
+    encoders = encoders or ([encoder or FakeEncoder()] if len(served) == 1 else [FakeEncoder() for _ in served])
     cache = tokenizers if tokenizers is not None else {}
-    if key not in cache:
-        cache[key] = TextTokenizer.from_dir(model_dir, cfg.max_input_tokens)
-    return EmbeddingsService(encoder or FakeEncoder(), cfg, cache[key], DIMENSIONS, list(api_keys), RecordingMetrics())
+    models = []
+    for model, model_encoder in zip(served, encoders, strict=True):
+        key = (model.model, model.max_input_tokens)
+        if key not in cache:
+            cache[key] = TextTokenizer.from_dir(model.model, model.max_input_tokens)
+        models.append(ServedModel(model, cache[key], DIMENSIONS, model_encoder))
+    return EmbeddingsService(ServedModels(models), cfg, list(api_keys), RecordingMetrics())
 
 
 @contextlib.asynccontextmanager

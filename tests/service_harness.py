@@ -118,9 +118,10 @@ class ServeProcess:
         env: dict | None = None,
         config_overrides: dict | None = None,
         deployment_overrides: dict | None = None,
+        config_file: Path = CONFIG,
     ):
         self.port = free_port()
-        config = yaml.safe_load(CONFIG.read_text())
+        config = yaml.safe_load(config_file.read_text())
         config["http_options"]["port"] = self.port
         app = config["applications"][0]
         app["args"].update(config_overrides or {})

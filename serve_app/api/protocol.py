@@ -112,12 +112,7 @@ def parse_request(body: bytes | bytearray, config: ServiceConfig, max_input_toke
                 f"split it",
                 param="input",
             )
-    try:
-        parsed = orjson.loads(body)
-    except orjson.JSONDecodeError as exc:
-        raise InvalidRequestError(f"request body is not valid JSON: {exc}") from None
-    if not isinstance(parsed, dict):
-        raise InvalidRequestError(f"request body must be a JSON object, got {_kind(parsed)}")
+    parsed = load_json_object(body)
     value = parsed.get("input")
     if isinstance(value, list) and value and isinstance(value[0], list):
         lists = value if all(isinstance(ids, list) for ids in value) else []
@@ -127,6 +122,17 @@ def parse_request(body: bytes | bytearray, config: ServiceConfig, max_input_toke
     elif isinstance(value, list) and value and type(value[0]) is int:
         check_request_tokens(len(value), config.max_request_tokens)
     return EmbeddingRequest.model_validate(parsed)
+
+
+def load_json_object(body: bytes | bytearray) -> dict:
+    """The request body's JSON object (every route takes one)."""
+    try:
+        parsed = orjson.loads(body)
+    except orjson.JSONDecodeError as exc:
+        raise InvalidRequestError(f"request body is not valid JSON: {exc}") from None
+    if not isinstance(parsed, dict):
+        raise InvalidRequestError(f"request body must be a JSON object, got {_kind(parsed)}")
+    return parsed
 
 
 @dataclass(frozen=True)

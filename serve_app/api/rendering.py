@@ -27,7 +27,10 @@ def render_embeddings(vectors: np.ndarray, encoding_format: str, model_id: str, 
     return orjson.dumps(body, option=orjson.OPT_SERIALIZE_NUMPY)
 
 
-def render_models(model_id: str, created: int, owned_by: str = "kalm-serve") -> bytes:
+def render_models(model_ids: list[str], created: int, owned_by: str = "kalm-serve") -> bytes:
     return orjson.dumps(
-        {"object": "list", "data": [{"id": model_id, "object": "model", "owned_by": owned_by, "created": created}]}
+        {
+            "object": "list",
+            "data": [{"id": m, "object": "model", "owned_by": owned_by, "created": created} for m in model_ids],
+        }
     )

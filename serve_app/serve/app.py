@@ -5,7 +5,8 @@
 
 Checks the model can be found before anything starts, so a deploy without the hub
 and without a local copy fails at once with a message saying what to do, instead
-of replicas crash-looping. Sets what ``serve_app.placement`` decides for this cluster:
+of replicas crash-looping. One encoder deployment per served model (``ServiceConfig.models``),
+all behind the one ingress. Sets what ``serve_app.placement`` decides for this cluster:
 encoder replicas on GPUs (every GPU used from the start) where the cluster has GPUs, on
 reserved CPUs otherwise, and the ingress's replicas and CPUs, so one YAML serves both.
 """
@@ -29,22 +30,32 @@ log = logging.getLogger("ray.serve")
 
 def build_app(args: dict | None = None) -> Application:
     config = ServiceConfig(**(args or {}))
-    files = read_model_files(config.model)  # raises ModelLoadError with the way out
-    config = config.model_copy(update={"model": str(files.path)} if os.path.isdir(config.model) else {})
-    resources = placement.encoder_replica_resources(config.device, config.encoder_num_cpus, config.encoder_num_gpus)
-    initial, most = placement.encoder_replica_counts(config.device, config.encoder_num_gpus)
-    ingress = placement.ingress_options(config.device, config.encoder_num_gpus)
-    log.info(
-        "building app: model=%s model_id=%s encoder replicas: %d at start (at most %d), resources %s; ingress: %s",
-        config.model,
-        config.model_id,
-        initial,
-        most,
-        resources,
-        ingress,
-    )
-    # @serve.deployment turns the classes into Deployments; Ray Serve's typing does not say so
-    encoder = EncoderReplica.options(  # type: ignore[attr-defined]
-        ray_actor_options=resources, autoscaling_config=encoder_autoscaling_config(initial, most)
-    ).bind(config.model_dump())
-    return EmbeddingsIngress.options(**ingress).bind(encoder, config.model_dump())  # type: ignore[attr-defined]
+    served = config.served_models()
+    models = []
+    share = 1 / len(served)  # of the GPUs, or of a node's CPUs, each model starts on
+    for model in served:
+        files = read_model_files(model.model)  # raises ModelLoadError with the way out
+        model = model.model_copy(update={"model": str(files.path)} if os.path.isdir(model.model) else {})
+        resources = placement.encoder_replica_resources(
+            model.device, model.encoder_num_cpus, model.encoder_num_gpus, share
+        )
+        initial, most = placement.encoder_replica_counts(model.device, model.encoder_num_gpus, share)
+        log.info(
+            "building app: model=%s model_id=%s deployment=%s encoder replicas: %d at start (at most %d), resources %s",
+            model.model,
+            model.model_id,
+            model.encoder_deployment,
+            initial,
+            most,
+            resources,
+        )
+        # @serve.deployment turns the classes into Deployments; Ray Serve's typing does not say so
+        encoder = EncoderReplica.options(  # type: ignore[attr-defined]
+            name=model.encoder_deployment,
+            ray_actor_options=resources,
+            autoscaling_config=encoder_autoscaling_config(initial, most),
+        ).bind(model.model_dump())
+        models.append((encoder, model.model_dump()))
+    ingress = placement.ingress_options(config.device, config.encoder_num_gpus, len(served))
+    log.info("building app: ingress %s", ingress)
+    return EmbeddingsIngress.options(**ingress).bind(config.model_dump(), models)  # type: ignore[attr-defined]

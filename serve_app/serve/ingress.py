@@ -1,18 +1,22 @@
 """The HTTP ingress: OpenAI routes, auth, limits, tokenisation; model work goes to replicas.
 
 Request flow: headers (size-bounded) → body (size- and time-bounded; large bodies take turns)
-→ ``parse_request`` → ``validate_and_tokenize`` (model id, limits, tokenisation) → chunks sent to
-``EncoderReplica`` replicas (``serve/dispatch.py``) → Matryoshka truncation → float or base64 answer.
+→ the route's ``prepare`` (parse, find the model the request names, validate, tokenise: an
+``EncodingWork``) → chunks sent to that model's ``EncoderReplica`` replicas (``serve/dispatch.py``)
+→ the route's answer from the vectors (embeddings: Matryoshka truncation, float or base64; rerank
+and score: cosine similarities, ``api/rerank.py``). Every route that embeds shares this path.
 
-``EmbeddingsService`` does all of it given any encoder handle (``embed.remote(...)``,
-``health.remote()``), and ``build_http_app`` puts it behind FastAPI routes, so tests run the
-whole HTTP contract in-process with a fake handle; ``EmbeddingsIngress`` is the Ray Serve shell.
+``EmbeddingsService`` does all of it given the served models (``serve/models.py``), each with any
+encoder handle (``embed.remote(...)``, ``health.remote()``), and ``build_http_app`` puts it behind
+FastAPI routes, so tests run the whole HTTP contract in-process with fake handles;
+``EmbeddingsIngress`` is the Ray Serve shell.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import time
 import uuid
@@ -20,6 +24,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
 import orjson
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -30,10 +35,10 @@ from starlette.requests import ClientDisconnect
 from starlette.responses import Response
 
 from .. import environment
-from ..api import token_ids
+from ..api import rerank, token_ids
 from ..api.api_keys import authenticate
 from ..api.http_errors import error_response, status_of
-from ..api.protocol import TokenizedRequest, parse_request, validate_and_tokenize
+from ..api.protocol import parse_request, validate_and_tokenize
 from ..api.rendering import render_embeddings, render_models
 from ..config import ServiceConfig
 from ..core.checkpoint import read_model_files
@@ -50,9 +55,10 @@ from ..errors import (
     UnsupportedContentEncodingError,
 )
 from . import memory
-from .dispatch import EncoderHandle, embed_on_replicas
+from .dispatch import embed_on_replicas
 from .logs import route_core_logs_to_serve
-from .metrics import IngressMetrics
+from .metrics import NO_MODEL, IngressMetrics
+from .models import ServedModel, ServedModels
 from .proxy_fences import REPLACED_HEADER, replaced_note, request_id_is_usable
 
 log = logging.getLogger("ray.serve")
@@ -66,6 +72,7 @@ LARGE_BODY_BYTES = 1024 * 1024
 class RequestTimings:
     """What one embeddings request cost, filled in as it goes: for its headers, metrics and log line."""
 
+    model: str = NO_MODEL  # the served model's id, once the request's ``model`` is found
     inputs: int | None = None
     tokens: int | None = None
     tokenization_s: float | None = None
@@ -97,44 +104,71 @@ def _json(body: bytes, status: int = 200) -> Response:
     return Response(body, status, media_type="application/json")
 
 
+@dataclass(frozen=True)
+class EncodingWork:
+    """A request of any route that embeds, parsed, validated and tokenised: what to embed on which
+    model's replicas, and how to answer from the vectors (native size, input order)."""
+
+    model: ServedModel
+    token_ids: list[list[int]]
+    n_tokens: int
+    priority: str
+    answer: Callable[[np.ndarray], bytes]
+
+
 class EmbeddingsService:
     """The ingress's request handling, free of Ray Serve's deployment machinery."""
 
-    def __init__(
-        self,
-        encoder: EncoderHandle,
-        config: ServiceConfig,
-        tokenizer: TextTokenizer,
-        native_dimensions: int,
-        api_keys: list[str],
-        metrics: IngressMetrics,
-    ):
-        self.config = config
-        self.tokenizer = tokenizer
-        self.native_dimensions = native_dimensions
-        self.encoder = encoder
+    def __init__(self, models: ServedModels, config: ServiceConfig, api_keys: list[str], metrics: IngressMetrics):
+        self.models = models
+        self.config = config  # the service's limits (each model's own: ``ServedModel.config``)
         self.api_keys = [k.encode() for k in api_keys]
         self.metrics = metrics
         self.created = int(time.time())
         self.large_requests = asyncio.Semaphore(config.max_concurrent_large_requests)
         token_ids.prepare(config.token_id_inputs)
 
+    @property
+    def tokenizer(self) -> TextTokenizer:
+        """The first model's tokenizer (a single-model service's only one)."""
+        return self.models.first.tokenizer
+
+    @property
+    def encoder(self) -> Any:
+        """The first model's encoder handle (a single-model service's only one)."""
+        return self.models.first.encoder
+
     # --- routes ----------------------------------------------------------------------
 
     async def embeddings(self, request: Request) -> Response:
-        return await self.answer(request, "/v1/embeddings", self._embeddings)
+        return await self.answer(
+            request, "/v1/embeddings", functools.partial(self._encode, prepare=self._validate_and_tokenize)
+        )
 
-    async def models(self, request: Request) -> Response:
+    async def rerank(self, request: Request) -> Response:
+        return await self.answer(
+            request, request.url.path, functools.partial(self._encode, prepare=self._validate_and_tokenize_rerank)
+        )
+
+    async def score(self, request: Request) -> Response:
+        return await self.answer(
+            request, "/v1/score", functools.partial(self._encode, prepare=self._validate_and_tokenize_score)
+        )
+
+    async def list_models(self, request: Request) -> Response:
         async def body(request: Request, timings: RequestTimings) -> Response:
             self._authenticate(request)
-            return _json(render_models(self.config.model_id, self.created))
+            return _json(render_models([model.id for model in self.models], self.created))
 
         return await self.answer(request, "/v1/models", body)
 
     async def health(self, request: Request) -> Response:
+        """Ready when every model has a replica that answers."""
+
         async def body(request: Request, timings: RequestTimings) -> Response:
             try:
-                await asyncio.wait_for(self.encoder.health.remote(), timeout=5)
+                checks = [model.encoder.health.remote() for model in self.models]
+                await asyncio.wait_for(asyncio.gather(*checks), timeout=5)
             except Exception as exc:  # no replica ready yet, or all busy starting
                 return _json(orjson.dumps({"status": "starting", "detail": type(exc).__name__}), 503)
             return _json(b'{"status":"ok"}')
@@ -195,7 +229,7 @@ class EmbeddingsService:
     ) -> None:
         if not record:
             return
-        self.metrics.record(route, status, total_s)
+        self.metrics.record(route, status, total_s, timings.model)
         # One structured line per request; never the texts.
         log.info(
             "request "
@@ -203,6 +237,7 @@ class EmbeddingsService:
                 {
                     "request_id": request_id,
                     "route": route,
+                    "model": timings.model,
                     "status": status,
                     "inputs": timings.inputs,
                     "tokens": timings.tokens,
@@ -214,9 +249,11 @@ class EmbeddingsService:
             ).decode()
         )
 
-    # --- /v1/embeddings ---------------------------------------------------------------
+    # --- every route that embeds: body, tokens, the model's replicas, answer ----------------
 
-    async def _embeddings(self, request: Request, timings: RequestTimings) -> Response:
+    async def _encode(
+        self, request: Request, timings: RequestTimings, prepare: Callable[[bytearray], EncodingWork]
+    ) -> Response:
         self._authenticate(request)
         encoding = request.headers.get("content-encoding", "identity").strip().lower()
         if encoding not in ("", "identity"):  # a compressed body would escape the byte limit once inflated
@@ -238,31 +275,63 @@ class EmbeddingsService:
             body = await self._read_body(request, None if declared_large else turn)
             large = len(body) > LARGE_BODY_BYTES
             t0 = time.perf_counter()
-            tokenized = await asyncio.to_thread(self._validate_and_tokenize, body)
+            work = await asyncio.to_thread(prepare, body)
             del body
         if large:  # its body, text and JSON are freed: their pages go back to the OS (serve/memory.py)
             await asyncio.to_thread(memory.trim)
         timings.tokenization_s = time.perf_counter() - t0
-        timings.inputs, timings.tokens = len(tokenized.token_ids), tokenized.n_tokens
+        timings.model, timings.inputs, timings.tokens = work.model.id, len(work.token_ids), work.n_tokens
         embedded = await embed_on_replicas(
-            self.encoder,
-            tokenized.token_ids,
-            tokenized.priority,
+            work.model.encoder,
+            work.token_ids,
+            work.priority,
             self.config.max_chunk_tokens,
             self.config.request_timeout_s,
-            self.native_dimensions,
+            work.model.dimensions,
         )
         timings.queue_s, timings.inference_s = embedded.queue_s, embedded.inference_s
         self.metrics.record_embedding(
-            len(tokenized.token_ids), tokenized.n_tokens, timings.tokenization_s, embedded.queue_s, embedded.inference_s
+            work.model.id,
+            len(work.token_ids),
+            work.n_tokens,
+            timings.tokenization_s,
+            embedded.queue_s,
+            embedded.inference_s,
         )
-        vectors = truncate_dimensions(embedded.vectors, tokenized.dimensions)
-        return _json(render_embeddings(vectors, tokenized.encoding_format, self.config.model_id, tokenized.n_tokens))
+        return _json(work.answer(embedded.vectors))
 
-    def _validate_and_tokenize(self, body: bytearray) -> TokenizedRequest:
-        """Parse, validate, tokenise: CPU work, run in a thread."""
-        req = parse_request(body, self.config, self.tokenizer.max_input_tokens)
-        return validate_and_tokenize(req, self.config, self.tokenizer, self.native_dimensions)
+    # --- each route's parsing, validation and tokenising: CPU work, run in a thread ----------
+
+    def _validate_and_tokenize(self, body: bytearray) -> EncodingWork:
+        req = parse_request(body, self.config, self.models.min_input_tokens)
+        model = self.models.resolve(req.model)
+        tokenized = validate_and_tokenize(req, model.config, model.tokenizer, model.dimensions)
+
+        def answer(vectors: np.ndarray) -> bytes:
+            vectors = truncate_dimensions(vectors, tokenized.dimensions)
+            return render_embeddings(vectors, tokenized.encoding_format, model.id, tokenized.n_tokens)
+
+        return EncodingWork(model, tokenized.token_ids, tokenized.n_tokens, tokenized.priority, answer)
+
+    def _validate_and_tokenize_rerank(self, body: bytearray) -> EncodingWork:
+        req = rerank.parse_rerank(body)
+        model = self.models.resolve(req.model)
+        tokenized = rerank.tokenize_pairs(rerank.rerank_pairs(req, model.config), model.config, model.tokenizer)
+
+        def answer(vectors: np.ndarray) -> bytes:
+            return rerank.render_rerank(req, tokenized, rerank.pair_scores(tokenized, vectors), model.id)
+
+        return EncodingWork(model, tokenized.token_ids, tokenized.n_tokens, tokenized.pairs.priority, answer)
+
+    def _validate_and_tokenize_score(self, body: bytearray) -> EncodingWork:
+        req = rerank.parse_score(body)
+        model = self.models.resolve(req.model)
+        tokenized = rerank.tokenize_pairs(rerank.score_pairs(req, model.config), model.config, model.tokenizer)
+
+        def answer(vectors: np.ndarray) -> bytes:
+            return rerank.render_score(tokenized, rerank.pair_scores(tokenized, vectors), model.id, self.created)
+
+        return EncodingWork(model, tokenized.token_ids, tokenized.n_tokens, tokenized.pairs.priority, answer)
 
     # --- checks -----------------------------------------------------------------------
 
@@ -316,7 +385,10 @@ def build_http_app(service: EmbeddingsService) -> FastAPI:
     app = FastAPI(title="KaLM embeddings", openapi_url=None, docs_url=None, redoc_url=None)
     for slash in ("", "/"):  # with a trailing slash served, not redirected: a redirected POST loses its body
         app.add_api_route(f"/v1/embeddings{slash}", service.embeddings, methods=["POST"])
-        app.add_api_route(f"/v1/models{slash}", service.models, methods=["GET"])
+        for path in ("/v1/rerank", "/v2/rerank"):  # Jina's and Cohere's v1, Cohere's v2
+            app.add_api_route(f"{path}{slash}", service.rerank, methods=["POST"])
+        app.add_api_route(f"/v1/score{slash}", service.score, methods=["POST"])
+        app.add_api_route(f"/v1/models{slash}", service.list_models, methods=["GET"])
     app.add_api_route("/health", service.health, methods=["GET", "HEAD"])
     app.add_exception_handler(HTTPException, service.unknown_route)  # type: ignore[arg-type]
 
@@ -332,21 +404,26 @@ def build_http_app(service: EmbeddingsService) -> FastAPI:
 class EmbeddingsIngress:
     """The Ray Serve shell: builds the service from the app's config and serves its routes."""
 
-    def __init__(self, encoder: Any, config: dict):
+    def __init__(self, config: dict, models: list[tuple[Any, dict]]):
+        """``models``: each served model's encoder deployment and single-model config, in config order."""
         route_core_logs_to_serve()
         memory.return_big_buffers()
-        cfg = ServiceConfig(**config)
-        files = read_model_files(cfg.model)
-        tokenizer = TextTokenizer(files, cfg.max_input_tokens)
+        served = []
+        for encoder, model_config in models:
+            cfg = ServiceConfig(**model_config)
+            files = read_model_files(cfg.model)
+            served.append(ServedModel(cfg, TextTokenizer(files, cfg.max_input_tokens), files.hidden_size, encoder))
         self.service = EmbeddingsService(
-            encoder, cfg, tokenizer, files.hidden_size, environment.api_keys(), IngressMetrics()
+            ServedModels(served), ServiceConfig(**config), environment.api_keys(), IngressMetrics()
         )
-        log.info(
-            "ingress ready: model_id=%s max_input_tokens=%d api_keys=%s",
-            cfg.model_id,
-            tokenizer.max_input_tokens,
-            "on" if self.service.api_keys else "off",
-        )
+        for model in served:
+            log.info(
+                "ingress ready: model_id=%s deployment=%s max_input_tokens=%d api_keys=%s",
+                model.id,
+                model.config.encoder_deployment,
+                model.tokenizer.max_input_tokens,
+                "on" if self.service.api_keys else "off",
+            )
 
     def __serve_build_asgi_app__(self) -> FastAPI:
         return build_http_app(self.service)

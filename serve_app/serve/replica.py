@@ -1,7 +1,8 @@
 """The encoder replica: a thin Ray Serve shell around Encoder + TokenBudgetBatcher.
 
 One replica = one model on one device (a GPU, or the CPUs it reserved). It receives
-token ids (tokenisation is done in the ingress) and returns native-size vectors.
+token ids (tokenisation is done in the ingress) and returns native-size vectors. Each served
+model is its own deployment of this class (``ServiceConfig.encoder_deployment``).
 """
 
 from __future__ import annotations
@@ -39,7 +40,8 @@ class EncoderReplica:
         if device.type == "cpu":
             use_cpu_threads(reserved_cpus())
         log.info(
-            "encoder replica starting: model=%s device=%s torch_threads=%d OMP_NUM_THREADS=%s",
+            "encoder replica starting: model_id=%s model=%s device=%s torch_threads=%d OMP_NUM_THREADS=%s",
+            cfg.model_id,
             cfg.model,
             device,
             torch.get_num_threads(),
@@ -54,7 +56,7 @@ class EncoderReplica:
             trust_remote_code=cfg.trust_remote_code,
         )
         self.encoder.warm_up()
-        self.metrics = ReplicaMetrics()
+        self.metrics = ReplicaMetrics(cfg.model_id)
         self.batcher = TokenBudgetBatcher.for_encoder(self.encoder, cfg, on_batch=self._on_batch, on_drop=self._on_drop)
         self.calls = 0  # embed calls received (one per chunk of a request)
         self.in_flight = 0  # embed calls inside this replica now (what Serve counts as its ongoing requests)
@@ -93,6 +95,7 @@ class EncoderReplica:
 
     def health(self) -> dict:
         return {
+            "model": self.config.model_id,
             "device": str(self.encoder.device),
             "dtype": str(self.encoder.dtype),
             "max_batch_tokens": self.encoder.max_batch_tokens,
@@ -121,6 +124,7 @@ class EncoderReplica:
             "calls": self.calls,
             "in_flight": self.in_flight,
             "in_flight_tokens": self.in_flight_tokens,
+            "model": self.config.model_id,
             "replica": serve.get_replica_context().replica_id.unique_id,
             "node_id": ray.get_runtime_context().get_node_id(),
             "pid": os.getpid(),
