@@ -35,6 +35,13 @@ class ServiceConfig(BaseModel):
         "directory name for a local path.",
     )
     model_aliases: list[str] = Field(default_factory=list, description="Other ids accepted in requests.")
+    calibration_ranges: str | None = Field(
+        None,
+        description="Path (where the ingress runs) of a calibration file: the per-dimension ranges int8 / uint8 "
+        "embeddings need, as the corpus job writes them (_calibration.json beside its output, from a sample of "
+        "the corpus, with --embedding-types int8 or uint8). None: int8 / uint8 requests get a 400 saying so; "
+        "float and binary need none (docs/api.md).",
+    )
     trust_remote_code: bool = Field(
         False,
         description="Run the model repository's own Python code. Off: "

@@ -2,7 +2,9 @@
 
 Request flow: headers (size-bounded) → body (size- and time-bounded; large bodies take turns)
 → ``parse_request`` → ``validate_and_tokenize`` (model id, limits, tokenisation) → chunks sent to
-``EncoderReplica`` replicas (``serve/dispatch.py``) → Matryoshka truncation → float or base64 answer.
+``EncoderReplica`` replicas (``serve/dispatch.py``) → Matryoshka truncation → the types asked
+(``core/quantization.py``) → float or base64 answer. Cohere's ``/v2/embed`` takes the same path with
+its own reading and answer (``api/cohere.py``).
 
 ``EmbeddingsService`` does all of it given any encoder handle (``embed.remote(...)``,
 ``health.remote()``), and ``build_http_app`` puts it behind FastAPI routes, so tests run the
@@ -19,8 +21,10 @@ import time
 import uuid
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
+from functools import partial
 from typing import Any
 
+import numpy as np
 import orjson
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -32,11 +36,13 @@ from starlette.responses import Response
 
 from .. import environment
 from ..api import token_ids
+from ..api.cohere import read_cohere_embed, render_cohere_embed
 from ..api.http_errors import error_response, status_of
 from ..api.protocol import TokenizedRequest, parse_request, validate_and_tokenize
 from ..api.rendering import render_embeddings, render_models
 from ..config import ServiceConfig
 from ..core.checkpoint import read_model_files
+from ..core.quantization import CalibrationRanges, quantize
 from ..core.tokenization import TextTokenizer
 from ..core.vectors import truncate_dimensions
 from ..errors import (
@@ -55,6 +61,10 @@ from .metrics import IngressMetrics
 from .proxy_fences import REPLACED_HEADER, replaced_note, request_id_is_usable
 
 log = logging.getLogger("ray.serve")
+
+#: An embeddings route's request, read and tokenised, and how to write its answer from the vectors
+#: in each type asked (type -> array, input order).
+ReadRequest = tuple[TokenizedRequest, Callable[[dict[str, np.ndarray]], bytes]]
 
 #: Bodies larger than this are "large": read, parsed and tokenised at most
 #: ``max_concurrent_large_requests`` at a time per ingress (docs/limits.md).
@@ -117,11 +127,15 @@ class EmbeddingsService:
         self.created = int(time.time())
         self.large_requests = asyncio.Semaphore(config.max_concurrent_large_requests)
         token_ids.prepare(config.token_id_inputs)
+        self.calibration = CalibrationRanges.load(config.calibration_ranges) if config.calibration_ranges else None
 
     # --- routes ----------------------------------------------------------------------
 
     async def embeddings(self, request: Request) -> Response:
-        return await self.answer(request, "/v1/embeddings", self._embeddings)
+        return await self.answer(request, "/v1/embeddings", partial(self._embed, read=self._validate_and_tokenize))
+
+    async def cohere_embed(self, request: Request) -> Response:
+        return await self.answer(request, "/v2/embed", partial(self._embed, read=self._read_cohere_embed))
 
     async def models(self, request: Request) -> Response:
         async def body(request: Request, timings: RequestTimings) -> Response:
@@ -212,9 +226,11 @@ class EmbeddingsService:
             ).decode()
         )
 
-    # --- /v1/embeddings ---------------------------------------------------------------
+    # --- the embeddings routes: /v1/embeddings, /v2/embed -----------------------------
 
-    async def _embeddings(self, request: Request, timings: RequestTimings) -> Response:
+    async def _embed(
+        self, request: Request, timings: RequestTimings, read: Callable[[bytearray], ReadRequest]
+    ) -> Response:
         self._authenticate(request)
         limit = self.config.max_body_bytes
         declared = request.headers.get("content-length", "")
@@ -228,7 +244,7 @@ class EmbeddingsService:
             body = await self._read_body(request)
             t0 = time.perf_counter()
             async with self._turn(not declared_large and len(body) > LARGE_BODY_BYTES):
-                tokenized = await asyncio.to_thread(self._validate_and_tokenize, body)
+                tokenized, render = await asyncio.to_thread(read, body)
             del body
         timings.tokenization_s = time.perf_counter() - t0
         timings.inputs, timings.tokens = len(tokenized.token_ids), tokenized.n_tokens
@@ -245,16 +261,29 @@ class EmbeddingsService:
             len(tokenized.token_ids), tokenized.n_tokens, timings.tokenization_s, embedded.queue_s, embedded.inference_s
         )
         vectors = truncate_dimensions(embedded.vectors, tokenized.dimensions)
-        return _json(render_embeddings(vectors, tokenized.encoding_format, self.config.model_id, tokenized.n_tokens))
+        return _json(render({t: quantize(vectors, t, self.calibration) for t in tokenized.embedding_types}))
 
     def _turn(self, large: bool) -> contextlib.AbstractAsyncContextManager:
         """The large requests' turn, or nothing to wait for (small requests do not take turns)."""
         return self.large_requests if large else contextlib.nullcontext()
 
-    def _validate_and_tokenize(self, body: bytearray) -> TokenizedRequest:
-        """Parse, validate, tokenise: CPU work, run in a thread."""
+    def _validate_and_tokenize(self, body: bytearray) -> ReadRequest:
+        """/v1/embeddings: parse, validate, tokenise (CPU work, run in a thread)."""
         req = parse_request(body, self.config, self.tokenizer.max_input_tokens)
-        return validate_and_tokenize(req, self.config, self.tokenizer, self.native_dimensions)
+        tokenized = validate_and_tokenize(req, self.config, self.tokenizer, self.native_dimensions, self.calibration)
+
+        def render(typed: dict[str, np.ndarray]) -> bytes:
+            vectors = typed[req.embedding_type]
+            return render_embeddings(vectors, tokenized.encoding_format, self.config.model_id, tokenized.n_tokens)
+
+        return tokenized, render
+
+    def _read_cohere_embed(self, body: bytearray) -> ReadRequest:
+        """/v2/embed: the same checks and tokenisation, Cohere's names and answer."""
+        tokenized, texts = read_cohere_embed(
+            body, self.config, self.tokenizer, self.native_dimensions, self.calibration
+        )
+        return tokenized, partial(render_cohere_embed, texts=texts, n_tokens=tokenized.n_tokens)
 
     # --- checks -----------------------------------------------------------------------
 
@@ -302,6 +331,7 @@ def build_http_app(service: EmbeddingsService) -> FastAPI:
     """
     app = FastAPI(title="KaLM embeddings", openapi_url=None, docs_url=None, redoc_url=None)
     app.add_api_route("/v1/embeddings", service.embeddings, methods=["POST"])
+    app.add_api_route("/v2/embed", service.cohere_embed, methods=["POST"])
     app.add_api_route("/v1/models", service.models, methods=["GET"])
     app.add_api_route("/health", service.health, methods=["GET"])
     app.add_exception_handler(HTTPException, service.unknown_route)  # type: ignore[arg-type]
