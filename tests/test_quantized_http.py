@@ -242,3 +242,45 @@ def test_the_cohere_client_gets_every_type(tiny_model_dir, calibration_file, cal
     assert answer.texts == TEXTS and answer.meta.billed_units.input_tokens > 0
     with pytest.raises(cohere.BadRequestError):
         co.embed(model=tiny_model_dir.name, texts=[], input_type="search_query")
+
+
+def test_random_cohere_requests_never_get_a_5xx(tiny_model_dir, calibration_file):
+    """Hypothesis over /v2/embed's fields (and /v1/embeddings' embedding_type): errors are 400s in the API's shape."""
+    from hypothesis import HealthCheck, given, settings
+    from hypothesis import strategies as st
+
+    svc = service(tiny_model_dir, calibration_ranges=calibration_file, max_inputs_per_request=4, max_input_tokens=16)
+    scalars = st.none() | st.booleans() | st.integers(-3, 100) | st.text(max_size=8)
+    types = st.sampled_from(["float", "int8", "uint8", "binary", "ubinary", "base64", "int4"])
+    cohere_bodies = st.fixed_dictionaries(
+        {
+            "model": st.just(tiny_model_dir.name) | scalars,
+            "texts": st.lists(st.text(max_size=60), max_size=6) | scalars,
+        },
+        optional={
+            "input_type": st.sampled_from(["search_query", "search_document", "classification", "clustering"])
+            | scalars,
+            "embedding_types": st.lists(types, max_size=4) | scalars,
+            "output_dimension": st.integers(-1, 70) | scalars,
+            "truncate": st.sampled_from(["NONE", "END", "START", "end"]) | scalars,
+            "images": scalars,
+        },
+    )
+    openai_bodies = st.fixed_dictionaries(
+        {"model": st.just(tiny_model_dir.name), "input": st.lists(st.text(max_size=40), max_size=5)},
+        optional={"embedding_type": types | scalars, "dimensions": st.integers(-1, 70), "encoding_format": scalars},
+    )
+    statuses: list[int] = []
+
+    @settings(max_examples=100, deadline=None, suppress_health_check=list(HealthCheck), database=None)
+    @given(target=st.sampled_from(["/v2/embed", "/v2/embed", "/v1/embeddings"]), data=st.data())
+    def one(target, data):
+        body = data.draw(cohere_bodies if target == "/v2/embed" else openai_bodies)
+        resp = post(svc, target, body)
+        statuses.append(resp.status_code)
+        assert resp.status_code < 500, (target, body, resp.text[:300])
+        if resp.status_code != 200:
+            assert set(resp.json()["error"]) == {"message", "type", "param", "code"}
+
+    one()
+    assert 200 in statuses and 400 in statuses
