@@ -40,6 +40,7 @@ class ModelConfig(BaseModel):
     encoder_num_gpus: float | None = Field(None, gt=0, le=1)
     max_input_tokens: int | None = Field(None, gt=0)
     default_query_instruction: str | None = None
+    calibration_ranges: str | None = None  # ranges belong to the model: each its own file
     max_batch_tokens: int | None = Field(None, gt=0)
     interactive_batch_tokens: int | None = Field(None, gt=0)
     encoder_deployment: str | None = None
@@ -70,6 +71,13 @@ class ServiceConfig(BaseModel):
         "directory name for a local path.",
     )
     model_aliases: list[str] = Field(default_factory=list, description="Other ids accepted in requests.")
+    calibration_ranges: str | None = Field(
+        None,
+        description="Path (where the ingress runs) of a calibration file: the per-dimension ranges int8 / uint8 "
+        "embeddings need, as the corpus job writes them (_calibration.json beside its output, from a sample of "
+        "the corpus, with --embedding-types int8 or uint8). None: int8 / uint8 requests get a 400 saying so; "
+        "float and binary need none (docs/api.md).",
+    )
     trust_remote_code: bool = Field(
         False,
         description="Run the model repository's own Python code. Off: "

@@ -84,6 +84,32 @@ class FakeEncoder:
         return {"device": "cpu"}
 
 
+class _Ready:
+    """An encoder handle's answer that is already there."""
+
+    def __init__(self, result: EmbedResult):
+        self.result = result
+
+    def cancel(self) -> None:
+        pass
+
+    def __await__(self):
+        yield from ()
+        return self.result
+
+
+class InProcessEncoder:
+    """A real ``Encoder`` behind the encoder handle's interface: the ingress over the model's vectors, no Ray."""
+
+    def __init__(self, encoder):
+        self.encoder = encoder
+        self.embed = _Method(lambda token_ids, priority="bulk": _Ready(self._embed(token_ids)))
+        self.health = _Method(lambda: _Ready({"device": "cpu"}))  # type: ignore[arg-type]
+
+    def _embed(self, token_ids: list[list[int]]) -> EmbedResult:
+        return EmbedResult(self.encoder.embed_token_ids(token_ids), 0.0, 0.0, 1)
+
+
 class RecordingMetrics:
     def __init__(self):
         self.requests: list[tuple[str, int]] = []
@@ -99,7 +125,7 @@ class RecordingMetrics:
 
 def make_service(
     model_dir,
-    encoder: FakeEncoder | None = None,
+    encoder: FakeEncoder | InProcessEncoder | None = None,
     api_keys=(),
     tokenizers: dict | None = None,
     encoders: list[FakeEncoder] | None = None,

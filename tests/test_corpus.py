@@ -8,6 +8,7 @@ not see the test's Ray, as ``python -m serve_app.corpus`` subprocesses.
 
 from __future__ import annotations
 
+import asyncio
 import csv
 import gzip
 import json
@@ -27,6 +28,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from serve_app.core.checkpoint import KALM_QUERY_INSTRUCTION
+from serve_app.core.quantization import CalibrationRanges
 from serve_app.corpus import CorpusOptions, cli, embed_corpus
 from serve_app.corpus.benchmark import benchmark
 from serve_app.corpus.files import list_inputs
@@ -521,11 +523,15 @@ def test_resume_with_nothing_to_do_answers_without_ray(bad_rows_job, tiny_model_
 
 @pytest.mark.slow
 def test_resume_after_kill_does_only_what_is_missing(cluster, tiny_model_dir, tmp_path):
-    """A plain-text corpus (ids: row numbers), killed with SIGKILL mid-job, then run again."""
+    """A plain-text corpus (ids: row numbers), killed with SIGKILL mid-job, then run again
+    (without --embedding-types: a resumed job keeps the types and the calibration it started with)."""
+    from sentence_transformers.util.quantization import quantize_embeddings
+
     n, per_part = 6_000, 300
     write_rows(tmp_path / "in.txt", "text", [{"text": t} for t in make_texts(n, seed=4)])
     out = tmp_path / "out"
-    cmd = command(cluster, tiny_model_dir, tmp_path / "in.txt", out, "--rows-per-part", str(per_part))
+    args = ("--rows-per-part", str(per_part))
+    cmd = command(cluster, tiny_model_dir, tmp_path / "in.txt", out, *args, "--embedding-types", "float,ubinary,int8")
     with open(tmp_path / "first.log", "wb") as log:
         proc = subprocess.Popen(cmd, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
         deadline = time.monotonic() + 600  # generous: a loaded machine starts Ray and the actors slowly
@@ -537,8 +543,10 @@ def test_resume_after_kill_does_only_what_is_missing(cluster, tiny_model_dir, tm
     time.sleep(1)  # let tasks of the dead job that were mid-write finish or die
     before = {p.name: (p.stat().st_ino, p.stat().st_mtime_ns) for p in out.glob("part-*.parquet")}
     assert 4 <= len(before) < n // per_part, "the kill should land mid-job"
+    calibration = (out / "_calibration.json").read_bytes()
 
-    second = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=900)  # the same arguments
+    resume = command(cluster, tiny_model_dir, tmp_path / "in.txt", out, *args)
+    second = subprocess.run(resume, cwd=ROOT, capture_output=True, text=True, timeout=900)
     assert second.returncode == 0, second.stdout[-3000:] + second.stderr[-5000:]
     assert "corpus job complete" in second.stdout
     assert all(STATUS_LINE.match(line) for line in second.stderr.splitlines()), second.stderr[-5000:]
@@ -551,6 +559,105 @@ def test_resume_after_kill_does_only_what_is_missing(cluster, tiny_model_dir, tm
     ids, vectors, _ = read_output(out)
     assert len(ids) == len(set(ids)) == n and set(ids) == set(range(n))  # no duplicates, no gaps
     assert not list(out.glob(".tmp-*"))
+    assert (out / "_calibration.json").read_bytes() == calibration and summary["embedding_types"] == [
+        "float",
+        "ubinary",
+        "int8",
+    ]
+    ranges = CalibrationRanges.from_json(calibration).ranges[64]
+    _, cols = columns_by_id(out, ["float", "ubinary", "int8"])
+    for t in ("ubinary", "int8"):  # every part, before the kill and after, with the same ranges
+        assert cols[t].tobytes() == quantize_embeddings(cols["float"], precision=t, ranges=ranges).tobytes(), t
+
+
+QUANTISED = ["ubinary", "int8", "binary", "uint8"]
+
+
+def columns_by_id(out: Path, types: list[str]) -> tuple[list, dict[str, np.ndarray]]:
+    """Each ``embedding_<type>`` column (and ``embedding``, as float), rows in id order."""
+    table = pq.read_table(out)
+    order = np.argsort(table.column("id").to_pylist(), kind="stable")
+    cols = {}
+    for t in types:
+        name = "embedding" if t == "float" else f"embedding_{t}"
+        col = table.column(name).combine_chunks()
+        cols[t] = np.asarray(col.flatten()).reshape(len(table), -1)[order]
+    return sorted(table.column("id").to_pylist()), cols
+
+
+def test_quantised_columns_equal_the_services_answers_for_the_same_texts(
+    cluster, tiny_model_dir, tiny_encoder, tmp_path
+):
+    """--embedding-types: one column per type, calibrated on the corpus; /v2/embed with the job's file gives the same."""
+    from sentence_transformers.util.quantization import quantize_embeddings
+
+    from tests.http_fakes import InProcessEncoder, client_for, make_service
+
+    texts = make_texts(300, seed=6)
+    inp = write_rows(tmp_path / "in.jsonl", "jsonl", [{"id": i, "text": t} for i, t in enumerate(texts)])
+    out = tmp_path / "out"
+    types = "float," + ",".join(QUANTISED)
+    args = ("--embedding-types", types, "--dimensions", "32", "--rows-per-part", "100", "--calibration-rows", "150")
+    summary = run_job(cluster, tiny_model_dir, inp, out, *args)
+    assert summary["embedding_types"] == ["float", *QUANTISED]
+    assert summary["bytes_per_row"] == {"float": 128, "ubinary": 4, "int8": 32, "binary": 4, "uint8": 32}
+    manifest = json.loads((out / "_corpus.json").read_text())
+    assert manifest["settings"]["embedding_types"] == ["float", *QUANTISED]
+    calibration = CalibrationRanges.load(out / "_calibration.json")
+    assert calibration.sample_size == 150 and sorted(calibration.ranges) == [32, 64]
+    table = pq.read_table(out)
+    assert table.schema.field("embedding_ubinary").type == pa.list_(pa.uint8(), 4)
+    assert table.schema.field("embedding_int8").type == pa.list_(pa.int8(), 32)
+
+    ids, cols = columns_by_id(out, ["float", *QUANTISED])
+    assert ids == list(range(len(texts)))
+    np.testing.assert_allclose(cols["float"], tiny_encoder.encode(texts, dimensions=32), atol=1e-6)
+    for t in QUANTISED:  # the definitions: sentence-transformers' quantize_embeddings, with the file's ranges
+        want = quantize_embeddings(cols["float"], precision=t, ranges=calibration.ranges[32])
+        assert cols[t].astype(want.dtype).tobytes() == want.tobytes(), t
+
+    svc = make_service(
+        tiny_model_dir, InProcessEncoder(tiny_encoder), calibration_ranges=str(out / "_calibration.json")
+    )
+    body = {
+        "model": tiny_model_dir.name,
+        "texts": texts[:50],
+        "input_type": "search_document",
+        "embedding_types": ["float", *QUANTISED],
+        "output_dimension": 32,
+    }
+
+    async def ask():
+        async with client_for(svc) as client:
+            return (await client.post("/v2/embed", json=body)).json()["embeddings"]
+
+    online = asyncio.run(ask())
+    np.testing.assert_allclose(np.array(online["float"], np.float32), cols["float"][:50], atol=1e-6)
+    for t in QUANTISED:
+        assert np.array_equal(np.array(online[t]), cols[t][:50]), t
+
+
+def test_quantized_search_example_runs_as_written(cluster, tiny_model_dir, tmp_path, monkeypatch, capsys):
+    """docs/quantized-search.md: its corpus, its job command (against this test's Ray), its search code."""
+    import shlex
+
+    doc = (ROOT / "docs" / "quantized-search.md").read_text()
+    python_blocks = re.findall(r"```python\n(.*?)```", doc, re.S)
+    bash = re.findall(r"```bash\n(.*?)```", doc, re.S)[0].replace("\\\n", " ")
+    job_line = next(line for line in bash.splitlines() if "-m serve_app.corpus" in line)
+    job_args = shlex.split(
+        job_line.split("-m serve_app.corpus", 1)[1].replace("/tmp/kalm-standin", str(tiny_model_dir))
+    )
+    monkeypatch.chdir(tmp_path)
+    exec(python_blocks[0], {})
+    assert cli.main([*job_args, "--address", cluster.address, "--progress-interval", "1"]) == 0
+    capsys.readouterr()
+    exec(python_blocks[1], {})
+    printed = capsys.readouterr().out
+    assert "64 dims: 256 B float, 8 B ubinary per document" in printed
+    only, rescored = (float(x) for x in re.findall(r"recall@10 .*: ([0-9.]+)", printed))
+    assert 0 <= only <= rescored <= 1
+    assert (tmp_path / "vectors" / "_calibration.json").exists()
 
 
 def _store_stats(address: str):

@@ -30,6 +30,8 @@ LIGHT_MODULES = {
     "serve_app.core.checkpoint": ("torch", "ray", "transformers"),
     "serve_app.core.tokenization": ("torch", "ray", "transformers"),
     "serve_app.core.vectors": ("torch", "ray", "transformers"),
+    "serve_app.core.quantization": ("torch", "ray", "transformers"),
+    "serve_app.api.cohere": ("torch", "ray", "transformers"),
     "serve_app.placement": ("torch", "transformers"),
     "serve_app.config": ("torch", "ray", "transformers"),
     "serve_app.corpus.options": ("torch", "ray", "transformers", "pyarrow"),

@@ -17,6 +17,7 @@ from pydantic import BaseModel, ConfigDict, PlainValidator, StrictBool, StrictIn
 from pydantic_core import PydanticCustomError
 
 from ..config import ServiceConfig
+from ..core.quantization import CalibrationRanges, check_embedding_types
 from ..core.tokenization import TextTokenizer, check_request_tokens
 from ..core.vectors import check_dimensions
 from ..errors import InvalidRequestError, ModelNotFoundError
@@ -86,6 +87,7 @@ class EmbeddingRequest(BaseModel):
     input_type: Literal["query", "document"] | None = None
     truncate: StrictBool = False
     priority: Priority | None = None
+    embedding_type: Literal["float", "int8", "uint8", "binary", "ubinary"] = "float"
 
 
 #: Bodies larger than this are checked for a flood of numbers before they are parsed.
@@ -95,7 +97,21 @@ NUMBER_BYTES = b"0123456789,-+.eE \t\r\n[]"
 
 
 def parse_request(body: bytes | bytearray, config: ServiceConfig, max_input_tokens: int) -> EmbeddingRequest:
-    """The request in ``body``; token ids are counted before they are validated one by one.
+    """The request in ``body``; token ids are counted before they are validated one by one."""
+    parsed = load_json_object(body, config)
+    value = parsed.get("input")
+    if isinstance(value, list) and value and isinstance(value[0], list):
+        lists = value if all(isinstance(ids, list) for ids in value) else []
+        truncate = parsed.get("truncate") is True
+        n_tokens = sum(min(len(ids), max_input_tokens) if truncate else len(ids) for ids in lists)
+        check_request_tokens(n_tokens, config.max_request_tokens)
+    elif isinstance(value, list) and value and type(value[0]) is int:
+        check_request_tokens(len(value), config.max_request_tokens)
+    return EmbeddingRequest.model_validate(parsed)
+
+
+def load_json_object(body: bytes | bytearray, config: ServiceConfig) -> dict[str, Any]:
+    """The JSON object in ``body`` (every embeddings route's first step).
 
     A large body made almost only of numbers is counted before it is even parsed: parsing
     32 MiB of token ids makes ~5 M Python ints (~180 MB), only to refuse them. Numbers written
@@ -112,20 +128,6 @@ def parse_request(body: bytes | bytearray, config: ServiceConfig, max_input_toke
                 f"split it",
                 param="input",
             )
-    parsed = load_json_object(body)
-    value = parsed.get("input")
-    if isinstance(value, list) and value and isinstance(value[0], list):
-        lists = value if all(isinstance(ids, list) for ids in value) else []
-        truncate = parsed.get("truncate") is True
-        n_tokens = sum(min(len(ids), max_input_tokens) if truncate else len(ids) for ids in lists)
-        check_request_tokens(n_tokens, config.max_request_tokens)
-    elif isinstance(value, list) and value and type(value[0]) is int:
-        check_request_tokens(len(value), config.max_request_tokens)
-    return EmbeddingRequest.model_validate(parsed)
-
-
-def load_json_object(body: bytes | bytearray) -> dict:
-    """The request body's JSON object (every route takes one)."""
     try:
         parsed = orjson.loads(body)
     except orjson.JSONDecodeError as exc:
@@ -144,6 +146,8 @@ class TokenizedRequest:
     dimensions: int | None
     encoding_format: str
     priority: Priority
+    #: Each type the answer holds (core/quantization.py), checked against the dimensions and ranges.
+    embedding_types: tuple[str, ...] = ("float",)
 
 
 def validate_and_tokenize(
@@ -151,8 +155,12 @@ def validate_and_tokenize(
     config: ServiceConfig,
     tokenizer: TextTokenizer,
     native_dimensions: int,
+    calibration: CalibrationRanges | None = None,
 ) -> TokenizedRequest:
-    """Check everything about ``req`` and tokenise it; raises the matching error."""
+    """Check everything about ``req`` and tokenise it; raises the matching error.
+
+    ``calibration``: the service's ranges for ``int8`` / ``uint8`` (none: those are a 400).
+    """
     if req.model not in config.accepted_model_ids:
         raise ModelNotFoundError(f"The model '{req.model}' does not exist; this service serves '{config.model_id}'")
 
@@ -168,6 +176,9 @@ def validate_and_tokenize(
             param="input",
         )
     check_dimensions(req.dimensions, native_dimensions)
+    check_embedding_types(
+        [req.embedding_type], req.dimensions or native_dimensions, calibration, "embedding_type", "dimensions"
+    )
     if req.instruction is not None and req.input_type is not None:
         raise InvalidRequestError("set either instruction or input_type, not both", param="instruction")
     if req.instruction is not None and not req.instruction.strip():
@@ -187,4 +198,4 @@ def validate_and_tokenize(
     n_tokens = sum(len(ids) for ids in token_ids)
     check_request_tokens(n_tokens, config.max_request_tokens)
     priority = req.priority or ("interactive" if n_tokens <= config.interactive_max_tokens else "bulk")
-    return TokenizedRequest(token_ids, n_tokens, req.dimensions, req.encoding_format, priority)
+    return TokenizedRequest(token_ids, n_tokens, req.dimensions, req.encoding_format, priority, (req.embedding_type,))

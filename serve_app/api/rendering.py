@@ -9,8 +9,12 @@ import orjson
 
 
 def render_embeddings(vectors: np.ndarray, encoding_format: str, model_id: str, n_tokens: int) -> bytes:
-    """The response body; base64 is little-endian float32 bytes, as the openai client decodes it."""
-    vectors = np.ascontiguousarray(vectors, dtype="<f4")
+    """The response body; base64 is little-endian float32 bytes, as the openai client decodes it.
+
+    Quantised vectors (int8, uint8, packed bits: core/quantization.py) are integers in JSON, and
+    their raw bytes in base64.
+    """
+    vectors = np.ascontiguousarray(vectors, dtype="<f4" if vectors.dtype.kind == "f" else None)
     if encoding_format == "base64":
         data = [
             {"object": "embedding", "index": i, "embedding": base64.b64encode(v.tobytes()).decode("ascii")}

@@ -63,12 +63,12 @@ class ScoreRequest(BaseModel):
     priority: Priority = "interactive"
 
 
-def parse_rerank(body: bytes | bytearray) -> RerankRequest:
-    return RerankRequest.model_validate(load_json_object(body))
+def parse_rerank(body: bytes | bytearray, config: ServiceConfig) -> RerankRequest:
+    return RerankRequest.model_validate(load_json_object(body, config))
 
 
-def parse_score(body: bytes | bytearray) -> ScoreRequest:
-    return ScoreRequest.model_validate(load_json_object(body))
+def parse_score(body: bytes | bytearray, config: ServiceConfig) -> ScoreRequest:
+    return ScoreRequest.model_validate(load_json_object(body, config))
 
 
 @dataclass(frozen=True)

@@ -67,6 +67,8 @@ def benchmark(options: CorpusOptions, st_batch_size: int = 32) -> dict[str, Any]
         "ratio": round(job.tokens_per_s_steady / st_tps, 3),
         "ratio_pipeline": round(job.tokens_per_s / st_tps, 3),
         "ratio_wall": round(job.tokens_per_s_wall / st_tps, 3),
+        "bytes_per_row": job.bytes_per_row,
+        "bytes_report": job.bytes_report(),
     }
     if "://" not in out_uri and plan.settings["dimensions"] is None:
         good = pq.read_table(out_uri, columns=["embedding"])
@@ -93,6 +95,7 @@ def _print(result: dict[str, Any]) -> None:
         print(
             f"  {name:<43} {result[tps]:>10,.0f} tokens/s  {result[seconds]:7.1f} s   {result[ratio]:.2f}x", flush=True
         )
+    print(f"  vector bytes per row: {result['bytes_report']}", flush=True)
     if "mean_cosine_vs_st" in result:
         print(
             f"  mean cosine(ours, sentence-transformers) = {result['mean_cosine_vs_st']}: sentence-transformers "

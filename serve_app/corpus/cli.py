@@ -57,6 +57,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="query: the model's query prompt; document: no prompt (as the HTTP API)",
     )
     p.add_argument("--dimensions", type=int, help="Matryoshka: keep the first k dims, then L2-normalise")
+    p.add_argument(
+        "--embedding-types",
+        type=lambda s: tuple(t.strip() for t in s.split(",") if t.strip()),
+        help="comma-separated, of float, int8, uint8, binary, ubinary: one column each (embedding: float32, "
+        "always; embedding_<type> for the others); int8/uint8 calibrate on --calibration-rows rows first and "
+        "write _calibration.json (default: float; a resumed job keeps its own)",
+    )
+    p.add_argument(
+        "--calibration-rows", type=int, help="rows embedded to calibrate int8/uint8, spread over the corpus (1000)"
+    )
     p.add_argument("--max-tokens", type=int, help="most tokens per text (default and ceiling: the model's limit)")
     p.add_argument("--truncate", action="store_true", help="cut over-long texts instead of listing them as bad rows")
     p.add_argument(

@@ -17,7 +17,9 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 
 from .. import environment
+from ..core.quantization import CALIBRATED_TYPES, PACKED_TYPES, CalibrationRanges, bytes_per_vector
 from ..errors import CorpusError
+from .calibration import calibration_for
 from .files import InputFile, absolute_uri, join, list_inputs
 from .options import MAX_ROWS_PER_PART, MIN_ROWS_PER_PART, CorpusOptions, JobSettings
 from .output import MANIFEST, SUMMARY, done_parts, output_counts, prepare_output, read_json, write_json
@@ -78,6 +80,7 @@ def _embed(options: CorpusOptions, progress: Progress) -> CorpusSummary:
         id_column=options.id_column or "id",
         format=options.format,
         rows_per_part=options.rows_per_part or MAX_ROWS_PER_PART,  # without rows_per_part: decided when planning
+        embedding_types=list(dict.fromkeys(("float", *(options.embedding_types or ())))),
     )
     out_uri = absolute_uri(options.output)
     inputs = list_inputs(absolute_uri(options.input), options.format)
@@ -85,6 +88,9 @@ def _embed(options: CorpusOptions, progress: Progress) -> CorpusSummary:
     run = _Run()
 
     plan = _resumed_plan(options, settings, out_uri, inputs)
+    packed = [t for t in settings.embedding_types if t in PACKED_TYPES]
+    if packed and dimensions % 8:
+        raise CorpusError(f"{packed[0]} packs 8 dimensions a byte: give a multiple of 8 dimensions, not {dimensions}")
     if plan is not None and not _pending(plan, out_uri):
         run.parts_done_before = plan.parts
         progress.stage(f"all {plan.parts:,} parts are already done: nothing to embed")
@@ -103,9 +109,13 @@ def _embed(options: CorpusOptions, progress: Progress) -> CorpusSummary:
                 )
             initial_actors = min(actors.max_actors, len(pending))
             progress.stage(f"loading the model on {actors.describe(initial_actors)}")
+            calibration: CalibrationRanges | None = None
+            if any(t in CALIBRATED_TYPES for t in settings.embedding_types):
+                progress.stage(f"calibrating int8/uint8 on up to {options.calibration_rows:,} rows")
+                calibration = calibration_for(plan, settings, options, actors, out_uri, files.hidden_size)
             progress.start_embedding(plan.rows, rows_before)
             pipeline_started = time.perf_counter()
-            dataset = build(plan, pending, settings, options, actors, out_uri, dimensions)
+            dataset = build(plan, pending, settings, options, actors, out_uri, dimensions, calibration)
             with _ray_data_console_quiet(not options.verbose):
                 for summary in dataset.iter_batches(batch_size=None, batch_format="pyarrow"):
                     progress.update(summary)
@@ -113,7 +123,9 @@ def _embed(options: CorpusOptions, progress: Progress) -> CorpusSummary:
             if progress.first_ready_at is not None:
                 run.steady_s = time.time() - progress.first_ready_at
             progress.finish()
-    return _summarize(options, plan, out_uri, progress, run, dimensions, time.perf_counter() - wall_started)
+    return _summarize(
+        options, plan, out_uri, progress, run, dimensions, settings.embedding_types, time.perf_counter() - wall_started
+    )
 
 
 def _resolve_model(name: str | None) -> str:
@@ -129,6 +141,9 @@ def _resumed_plan(options: CorpusOptions, settings: JobSettings, out_uri: str, i
     plan = Plan.from_json(manifest)
     if options.rows_per_part is None:  # not given: whatever the job was started with
         settings.rows_per_part = plan.settings.get("rows_per_part", settings.rows_per_part)
+    if options.embedding_types is None:  # likewise (jobs from before quantised columns: float only)
+        settings.embedding_types = plan.settings.get("embedding_types", ["float"])
+    plan.settings.setdefault("embedding_types", ["float"])
     differ = {k: (plan.settings.get(k), v) for k, v in settings.as_dict().items() if plan.settings.get(k) != v}
     if differ:
         raise CorpusError(
@@ -224,6 +239,7 @@ def _summarize(
     progress: Progress,
     run: _Run,
     dimensions: int,
+    embedding_types: list[str],
     wall_s: float,
 ) -> CorpusSummary:
     good, bad = output_counts(out_uri)
@@ -253,6 +269,8 @@ def _summarize(
         steady_s=round(run.steady_s, 3),
         tokens_per_s_steady=round(progress.tokens / run.steady_s, 1) if run.steady_s else 0.0,
         dimensions=dimensions,
+        embedding_types=embedding_types,
+        bytes_per_row={t: bytes_per_vector(t, dimensions) for t in embedding_types},
         id_source=plan.id_source,
         id_type=plan.id_type,
         dtypes=sorted(progress.dtypes),

@@ -8,6 +8,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 from typing import Any, Literal
 
+from ..core.quantization import EMBEDDING_TYPES
 from ..errors import CorpusError
 from .formats import FORMATS
 
@@ -42,6 +43,11 @@ class CorpusOptions:
     input_type: Literal["query", "document"] | None = None
     #: Matryoshka: keep the first k dimensions, then L2-normalise; None: the model's size.
     dimensions: int | None = None
+    #: Types written, one column each (core/quantization.py): ``embedding`` (float32) always, and
+    #: ``embedding_<type>`` for each other; None: ``("float",)``, or what a resumed job started with.
+    embedding_types: tuple[str, ...] | None = None
+    #: Rows embedded to calibrate int8 / uint8 (per-dimension ranges, ``_calibration.json``), spread over the corpus.
+    calibration_rows: int = 1000
     #: Most tokens per text; None: the model's limit (also the ceiling).
     max_tokens: int | None = None
     #: Cut over-long texts instead of listing them as bad rows.
@@ -84,11 +90,22 @@ class CorpusOptions:
         ):
             if getattr(self, name) not in allowed:
                 raise CorpusError(f"{name} must be one of {', '.join(map(str, allowed))}, got {getattr(self, name)!r}")
+        for t in self.embedding_types or ():
+            if t not in EMBEDDING_TYPES:
+                raise CorpusError(f"embedding types are {', '.join(EMBEDDING_TYPES)}, got {t!r}")
         if self.instruction is not None and not self.instruction.strip():
             raise CorpusError("instruction must not be empty")
         if self.instruction is not None and self.input_type is not None:
             raise CorpusError("give an instruction or an input_type, not both")
-        for name in ("dimensions", "max_tokens", "rows_per_part", "batch_tokens", "max_actors", "cpus_per_actor"):
+        for name in (
+            "dimensions",
+            "max_tokens",
+            "rows_per_part",
+            "batch_tokens",
+            "max_actors",
+            "cpus_per_actor",
+            "calibration_rows",
+        ):
             value = getattr(self, name)
             if value is not None and value < 1:
                 raise CorpusError(f"{name} must be at least 1, got {value}")
@@ -109,6 +126,8 @@ class JobSettings:
     id_column: str
     format: str | None
     rows_per_part: int
+    #: float first, then the others in the order asked, each once
+    embedding_types: list[str]
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)

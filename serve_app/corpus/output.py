@@ -53,12 +53,17 @@ def write_atomically(uri: str, data: bytes) -> None:
     fs.move(tmp, path)
 
 
-def read_json(uri: str) -> dict | None:
+def read_bytes(uri: str) -> bytes | None:
     fs, path = resolve(uri)
     if fs.get_file_info(path).type == pafs.FileType.NotFound:
         return None
     with fs.open_input_stream(path) as f:
-        return json.loads(f.read())
+        return f.read()
+
+
+def read_json(uri: str) -> dict | None:
+    data = read_bytes(uri)
+    return None if data is None else json.loads(data)
 
 
 def write_json(uri: str, doc: dict) -> None:

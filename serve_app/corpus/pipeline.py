@@ -8,7 +8,8 @@ number and sizes as scalars, its rows' values as lists::
                                   (io.read_part, the Encoder's TextTokenizer)
       ─► EmbedParts actors        1 GPU each, or reserved CPUs; autoscaling pool
                                   (Encoder.embed_token_ids: the service's token-budget batching)
-      ─► write                    0-CPU tasks   part-XXXXXXXX.parquet, atomically
+      ─► write                    0-CPU tasks   part-XXXXXXXX.parquet, atomically, with a
+                                  column per embedding type (core/quantization.py)
       ─► one summary row per part back to the driver (progress, summary)
 """
 
@@ -28,6 +29,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from .. import environment, placement
+from ..core.quantization import CalibrationRanges, quantize
 from ..errors import InputTooLongError
 from .files import join
 from .options import CorpusOptions, JobSettings
@@ -238,19 +240,27 @@ class EmbedParts:
 # --- stage 3: write (0-CPU tasks) --------------------------------------------------------
 
 
-def write_parts(batch: pa.Table, out_uri: str, dimensions: int) -> pa.Table:
-    """Write each part's bad rows, then its vectors: the file whose presence marks the part done."""
+def write_parts(
+    batch: pa.Table,
+    out_uri: str,
+    dimensions: int,
+    embedding_types: list[str],
+    calibration: CalibrationRanges | None,
+) -> pa.Table:
+    """Write each part's bad rows, then its vectors: the file whose presence marks the part done.
+
+    ``embedding`` holds the float32 vectors; each other type its own ``embedding_<type>`` column.
+    """
     summary = []
     for part in _unpack(batch):
         if part["bad"]:
             write_atomically(join(out_uri, bad_rows_name(part["part"])), part["bad"].encode())
-        table = pa.table(
-            {
-                "id": part["ids"],
-                "embedding": pa.FixedSizeListArray.from_arrays(part["embedding"], dimensions),
-                "n_tokens": part["token_lengths"],
-            }
-        )
+        columns = {"id": part["ids"], "embedding": pa.FixedSizeListArray.from_arrays(part["embedding"], dimensions)}
+        vectors = part["embedding"].to_numpy(zero_copy_only=False).reshape(-1, dimensions)
+        for t in embedding_types[1:]:  # float first, as the ``embedding`` column
+            typed = quantize(vectors, t, calibration)
+            columns[f"embedding_{t}"] = pa.FixedSizeListArray.from_arrays(pa.array(typed.reshape(-1)), typed.shape[1])
+        table = pa.table({**columns, "n_tokens": part["token_lengths"]})
         sink = pa.BufferOutputStream()
         pq.write_table(table, sink)
         write_atomically(join(out_uri, part_name(part["part"])), sink.getvalue())
@@ -281,6 +291,7 @@ def build(
     actors: Actors,
     out_uri: str,
     dimensions: int,
+    calibration: CalibrationRanges | None = None,
 ) -> ray.data.Dataset:
     """The Ray Data dataset whose rows are the summaries of the parts it has written.
 
@@ -335,5 +346,10 @@ def build(
         batch_size=1,
         batch_format="pyarrow",
         num_cpus=0,
-        fn_kwargs=dict(out_uri=out_uri, dimensions=dimensions),
+        fn_kwargs=dict(
+            out_uri=out_uri,
+            dimensions=dimensions,
+            embedding_types=settings.embedding_types,
+            calibration=calibration,
+        ),
     )

@@ -161,12 +161,19 @@ class CorpusSummary:
     steady_s: float  # from the first encoder actor's model load to the end
     tokens_per_s_steady: float
     dimensions: int
+    embedding_types: list[str]  # one column each: embedding (float32), embedding_<type>
+    bytes_per_row: dict[str, int]  # the vector columns' bytes per row, by type (no index, no Parquet overhead)
     id_source: str  # "column" or "row_number"
     id_type: str  # "int64" or "string"
     dtypes: list[str]  # what the encoders ran in
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
+
+    def bytes_report(self) -> str:
+        """The vector columns' bytes per row: ``float 256 B, ubinary 8 B (64 dims)``."""
+        sizes = ", ".join(f"{t} {b:,} B" for t, b in self.bytes_per_row.items())
+        return f"{sizes} ({self.dimensions} dims)"
 
     def report(self) -> str:
         """The lines the command prints at the end."""
@@ -181,5 +188,6 @@ class CorpusSummary:
             f"  tokens/s      {self.tokens_per_s:,.0f} over the pipeline ({self.pipeline_s:.1f} s, encoder start "
             f"included); {self.tokens_per_s_steady:,.0f} once the encoders were loaded ({self.steady_s:.1f} s)\n"
             f"  wall time     {self.wall_s:.1f} s ({self.tokens_per_s_wall:,.0f} tokens/s)\n"
+            f"  bytes/row     {self.bytes_report()}\n"
             f"  corpus        {self.corpus_rows:,} rows: {self.corpus_embedded:,} embedded, {self.corpus_bad:,} bad"
         )

@@ -3,8 +3,9 @@
 Request flow: headers (size-bounded) → body (size- and time-bounded; large bodies take turns)
 → the route's ``prepare`` (parse, find the model the request names, validate, tokenise: an
 ``EncodingWork``) → chunks sent to that model's ``EncoderReplica`` replicas (``serve/dispatch.py``)
-→ the route's answer from the vectors (embeddings: Matryoshka truncation, float or base64; rerank
-and score: cosine similarities, ``api/rerank.py``). Every route that embeds shares this path.
+→ the route's answer from the vectors (embeddings, OpenAI's and Cohere's: Matryoshka truncation,
+the types asked (``core/quantization.py``), float or base64; rerank and score: cosine
+similarities, ``api/rerank.py``). Every route that embeds shares this path.
 
 ``EmbeddingsService`` does all of it given the served models (``serve/models.py``), each with any
 encoder handle (``embed.remote(...)``, ``health.remote()``), and ``build_http_app`` puts it behind
@@ -35,13 +36,14 @@ from starlette.requests import ClientDisconnect
 from starlette.responses import Response
 
 from .. import environment
-from ..api import rerank, token_ids
+from ..api import cohere, rerank, token_ids
 from ..api.api_keys import authenticate
 from ..api.http_errors import error_response, status_of
 from ..api.protocol import parse_request, validate_and_tokenize
 from ..api.rendering import render_embeddings, render_models
 from ..config import ServiceConfig
 from ..core.checkpoint import read_model_files
+from ..core.quantization import quantize
 from ..core.tokenization import TextTokenizer
 from ..core.vectors import truncate_dimensions
 from ..errors import (
@@ -62,6 +64,8 @@ from .models import ServedModel, ServedModels
 from .proxy_fences import REPLACED_HEADER, replaced_note, request_id_is_usable
 
 log = logging.getLogger("ray.serve")
+
+#: An embeddings route's request, read and tokenised, and how to write its answer from the vectors
 
 #: Bodies larger than this are "large": read, parsed and tokenised at most
 #: ``max_concurrent_large_requests`` at a time per ingress (docs/limits.md).
@@ -127,6 +131,8 @@ class EmbeddingsService:
         self.created = int(time.time())
         self.large_requests = asyncio.Semaphore(config.max_concurrent_large_requests)
         token_ids.prepare(config.token_id_inputs)
+        for model in models:  # int8/uint8 ranges read now: a missing file fails the deploy, not a request
+            _ = model.calibration
 
     @property
     def tokenizer(self) -> TextTokenizer:
@@ -143,6 +149,11 @@ class EmbeddingsService:
     async def embeddings(self, request: Request) -> Response:
         return await self.answer(
             request, "/v1/embeddings", functools.partial(self._encode, prepare=self._validate_and_tokenize)
+        )
+
+    async def cohere_embed(self, request: Request) -> Response:
+        return await self.answer(
+            request, "/v2/embed", functools.partial(self._encode, prepare=self._validate_and_tokenize_cohere_embed)
         )
 
     async def rerank(self, request: Request) -> Response:
@@ -305,16 +316,32 @@ class EmbeddingsService:
     def _validate_and_tokenize(self, body: bytearray) -> EncodingWork:
         req = parse_request(body, self.config, self.models.min_input_tokens)
         model = self.models.resolve(req.model)
-        tokenized = validate_and_tokenize(req, model.config, model.tokenizer, model.dimensions)
+        tokenized = validate_and_tokenize(req, model.config, model.tokenizer, model.dimensions, model.calibration)
 
         def answer(vectors: np.ndarray) -> bytes:
-            vectors = truncate_dimensions(vectors, tokenized.dimensions)
+            vectors = quantize(
+                truncate_dimensions(vectors, tokenized.dimensions), req.embedding_type, model.calibration
+            )
             return render_embeddings(vectors, tokenized.encoding_format, model.id, tokenized.n_tokens)
 
         return EncodingWork(model, tokenized.token_ids, tokenized.n_tokens, tokenized.priority, answer)
 
+    def _validate_and_tokenize_cohere_embed(self, body: bytearray) -> EncodingWork:
+        req = cohere.parse_cohere_embed(body, self.config)
+        model = self.models.resolve(req.model)
+        tokenized = cohere.tokenize_cohere_embed(
+            req, model.config, model.tokenizer, model.dimensions, model.calibration
+        )
+
+        def answer(vectors: np.ndarray) -> bytes:
+            vectors = truncate_dimensions(vectors, tokenized.dimensions)
+            typed = {t: quantize(vectors, t, model.calibration) for t in tokenized.embedding_types}
+            return cohere.render_cohere_embed(typed, req.texts, tokenized.n_tokens)
+
+        return EncodingWork(model, tokenized.token_ids, tokenized.n_tokens, tokenized.priority, answer)
+
     def _validate_and_tokenize_rerank(self, body: bytearray) -> EncodingWork:
-        req = rerank.parse_rerank(body)
+        req = rerank.parse_rerank(body, self.config)
         model = self.models.resolve(req.model)
         tokenized = rerank.tokenize_pairs(rerank.rerank_pairs(req, model.config), model.config, model.tokenizer)
 
@@ -324,7 +351,7 @@ class EmbeddingsService:
         return EncodingWork(model, tokenized.token_ids, tokenized.n_tokens, tokenized.pairs.priority, answer)
 
     def _validate_and_tokenize_score(self, body: bytearray) -> EncodingWork:
-        req = rerank.parse_score(body)
+        req = rerank.parse_score(body, self.config)
         model = self.models.resolve(req.model)
         tokenized = rerank.tokenize_pairs(rerank.score_pairs(req, model.config), model.config, model.tokenizer)
 
@@ -385,6 +412,7 @@ def build_http_app(service: EmbeddingsService) -> FastAPI:
     app = FastAPI(title="KaLM embeddings", openapi_url=None, docs_url=None, redoc_url=None)
     for slash in ("", "/"):  # with a trailing slash served, not redirected: a redirected POST loses its body
         app.add_api_route(f"/v1/embeddings{slash}", service.embeddings, methods=["POST"])
+        app.add_api_route(f"/v2/embed{slash}", service.cohere_embed, methods=["POST"])
         for path in ("/v1/rerank", "/v2/rerank"):  # Jina's and Cohere's v1, Cohere's v2
             app.add_api_route(f"{path}{slash}", service.rerank, methods=["POST"])
         app.add_api_route(f"/v1/score{slash}", service.score, methods=["POST"])

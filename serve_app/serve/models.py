@@ -10,10 +10,12 @@ replicas; docs/migrating-models.md says more.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Iterator
 from dataclasses import dataclass
 
 from ..config import ServiceConfig
+from ..core.quantization import CalibrationRanges
 from ..core.tokenization import TextTokenizer
 from ..errors import ModelNotFoundError
 from .dispatch import EncoderHandle
@@ -31,6 +33,12 @@ class ServedModel:
     @property
     def id(self) -> str:
         return self.config.model_id
+
+    @functools.cached_property
+    def calibration(self) -> CalibrationRanges | None:
+        """The model's int8/uint8 ranges (``calibration_ranges``, written by the corpus job), read once."""
+        path = self.config.calibration_ranges
+        return CalibrationRanges.load(path) if path else None
 
 
 class ServedModels:
