@@ -70,6 +70,7 @@ class RequestTimings:
     tokenization_s: float | None = None
     queue_s: float | None = None
     inference_s: float | None = None
+    render_s: float | None = None
 
     def headers(self, total_s: float) -> dict[str, str]:
         """Where an embeddings request's time went, as response headers (none for other routes)."""
@@ -80,6 +81,7 @@ class RequestTimings:
             "x-tokenization-time": _ms(self.tokenization_s),
             "x-queue-time": _ms(self.queue_s),
             "x-inference-time": _ms(self.inference_s),
+            "x-render-time": _ms(self.render_s or 0.0),
             "x-compute-tokens": str(self.tokens),
         }
 
@@ -244,8 +246,11 @@ class EmbeddingsService:
         self.metrics.record_embedding(
             len(tokenized.token_ids), tokenized.n_tokens, timings.tokenization_s, embedded.queue_s, embedded.inference_s
         )
+        t1 = time.perf_counter()
         vectors = truncate_dimensions(embedded.vectors, tokenized.dimensions)
-        return _json(render_embeddings(vectors, tokenized.encoding_format, self.config.model_id, tokenized.n_tokens))
+        answer = render_embeddings(vectors, tokenized.encoding_format, self.config.model_id, tokenized.n_tokens)
+        timings.render_s = time.perf_counter() - t1
+        return _json(answer)
 
     def _turn(self, large: bool) -> contextlib.AbstractAsyncContextManager:
         """The large requests' turn, or nothing to wait for (small requests do not take turns)."""
