@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import asyncio
+import base64
 import threading
 import time
 
 import httpx
 import numpy as np
+import orjson
 import pytest
 import uvicorn
 import yaml
@@ -101,3 +103,15 @@ def test_host_path_reports_throughput_and_where_a_requests_time_goes(null_served
         assert "per_ingress_cpu" not in phase  # no --server-pid: no CPU split of the service
     assert abs(report["phases"]["queries"]["mean_tokens_per_request"] - 20) <= 1
     assert report["phases"]["batch32"]["texts_per_request"] == 32
+
+
+def test_base64_answers_are_the_float_answers_bytes_written_from_the_array():
+    from serve_app.api.rendering import render_embeddings
+
+    vectors = np.random.default_rng(0).standard_normal((3, DIMENSIONS)).astype(np.float32)[:, :48]  # a Matryoshka cut
+    as_base64 = orjson.loads(render_embeddings(vectors, "base64", 'model "x"', 7))
+    as_float = orjson.loads(render_embeddings(vectors, "float", 'model "x"', 7))
+    decoded = [np.frombuffer(base64.b64decode(d["embedding"]), "<f4") for d in as_base64["data"]]
+    np.testing.assert_array_equal(np.stack(decoded), vectors)
+    assert [d["index"] for d in as_base64["data"]] == [0, 1, 2]
+    assert {k: v for k, v in as_base64.items() if k != "data"} == {k: v for k, v in as_float.items() if k != "data"}
