@@ -32,6 +32,7 @@ import json
 import os
 import platform
 import random
+import secrets
 import shutil
 import subprocess
 import sys
@@ -266,12 +267,16 @@ def corpus(sizes: Sizes, model_dir: Path, tokenizer, encoder, workdir: Path) -> 
         dest = workdir / f"corpus-out-{gpus}"
         cmd = [sys.executable, "-m", "serve_app.corpus", "--input", str(source), "--output", str(dest)]
         cmd += ["--model", str(model_dir), "--gpus-per-actor", str(gpus)]
+        # its own local Ray: token auth, as Ray 2.60 wants for local clusters, and a private temp dir
+        # (a Ray already on the machine under /tmp/ray is not joined)
+        ray_tmp = workdir / f"r{gpus:g}"
+        ray_tmp.mkdir()
         env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+        env.update(RAY_AUTH_MODE="token", RAY_AUTH_TOKEN=secrets.token_hex(16), RAY_TMPDIR=str(ray_tmp))
         run = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, env=env, timeout=600)
         summary_path = dest / "_summary.json"
         if run.returncode != 0 or not summary_path.exists():
-            out[f"gpus_per_actor_{gpus:g}"] = {"error": run.stderr[-2000:]}
-            continue
+            raise RuntimeError(f"corpus job with {gpus:g} GPUs per actor failed:\n{run.stderr[-3000:]}")
         summary = json.loads(summary_path.read_text())
         out[f"gpus_per_actor_{gpus:g}"] = {
             k: summary.get(k) for k in ("rows", "embedded", "tokens", "wall_s", "tokens_per_s", "tokens_per_s_wall")
