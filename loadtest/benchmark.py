@@ -7,6 +7,10 @@
     python -m loadtest.benchmark --model /tmp/kalm-full --url http://127.0.0.1:8111 --plain-openai \\
         --served-only --workload side-by-side --concurrency 8 --passes 2
 
+    # the served path around the model (a service with `engine: null`), per ingress CPU:
+    python -m loadtest.benchmark --model /tmp/kalm-tiny --url http://127.0.0.1:8000 --scenario host-path \\
+        --server-pid $(pgrep -f "serve run" | head -1) [--client-processes 4] [--duration-s 10]
+
 One deterministic, seeded workload (short multilingual queries with an instruction,
 passages of 100-400 tokens, a few documents of 2-4k tokens) runs
 
@@ -19,7 +23,10 @@ rows and tokens and padding fraction (served: from the encoder replica's counter
 ``--ray-address`` reaches the service's cluster), achieved GFLOP/s as a fraction of an fp32 matmul measured
 in the same run, a lone short query's latency both ways, and — scenario ``priority`` —
 query and passage latencies under saturating bulk load with priority scheduling on and
-off. Numbers, not pass/fail: targets are judged by the reader.
+off. Numbers, not pass/fail: targets are judged by the reader. Scenario ``host-path``
+(``loadtest.host_path``) measures the served path alone: 20-token queries and 32-text requests
+from several client processes, requests/s and tokens/s per ingress CPU, and where each request's
+time goes.
 
 Tokens are counted here, with the model's tokenizer, for every target alike (never from a
 server's ``usage``). ``--plain-openai`` sends only OpenAI's own fields, with a query's
@@ -44,6 +51,7 @@ from typing import Any
 
 from loadtest.benchmark_targets import InProcess, Served, count_tokens
 from loadtest.benchmark_workload import Request, make_side_by_side_workload, make_workload
+from loadtest.host_path import Phase, default_client_processes, host_path_report
 from loadtest.priority_scenario import queries_under_bulk_load
 from loadtest.stats import latency_summary_ms
 from loadtest.texts import random_text
@@ -201,6 +209,8 @@ async def main(args: argparse.Namespace) -> dict:
     from serve_app.core.tokenization import TextTokenizer
 
     torch.set_num_threads(args.threads or torch.get_num_threads())
+    if args.scenario == "host-path":
+        return await host_path(args)
     if args.served_only:
         encoder, tokenizer = None, TextTokenizer.from_dir(args.model)
     else:
@@ -312,6 +322,31 @@ async def main(args: argparse.Namespace) -> dict:
     return report
 
 
+async def host_path(args: argparse.Namespace) -> dict:
+    """Scenario host-path: the served path alone (``loadtest.host_path``); loads only the tokenizer."""
+    from serve_app.core.tokenization import TextTokenizer
+
+    tokenizer = TextTokenizer.from_dir(args.model)
+    served = Served(args.url, args.served_model, args.api_key, None, tokenizer)
+    model_id = await served.resolve_model()
+    lo, hi = (int(x) for x in args.mixed_tokens.split(","))
+    phases = [
+        Phase("queries", 1, (20, 20), args.query_concurrency),
+        Phase("batch32", 32, (lo, hi), args.batch_concurrency),
+    ]
+    report = host_path_report(
+        args.url,
+        tokenizer,
+        model_id,
+        phases,
+        args.client_processes or default_client_processes(),
+        args.duration_s,
+        args.server_pid,
+        args.seed,
+    )
+    return {"model": args.model, "url": args.url, "host_path": report}
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--model", required=True, help="model directory or hub id (the full-size stand-in for the targets)")
@@ -348,18 +383,24 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         type=int,
         help="in-process budget of a batch led by interactive work (default: the service's)",
     )
-    p.add_argument("--scenario", choices=["throughput", "priority", "all"], default="throughput")
+    p.add_argument("--scenario", choices=["throughput", "priority", "all", "host-path"], default="throughput")
     p.add_argument("--bulk-clients", type=int, default=8)
     p.add_argument("--query-interval-s", type=float, default=1.0)
     p.add_argument("--priority-duration-s", type=float, default=60.0)
+    p.add_argument("--client-processes", type=int, help="host-path: client processes (default: the CPUs, 2-8)")
+    p.add_argument("--duration-s", type=float, default=10.0, help="host-path: seconds per phase")
+    p.add_argument("--query-concurrency", type=int, default=64, help="host-path: clients sending 20-token queries")
+    p.add_argument("--batch-concurrency", type=int, default=8, help="host-path: clients sending 32-text requests")
+    p.add_argument("--mixed-tokens", default="8,512", help="host-path: LO,HI tokens of each of the 32 texts")
+    p.add_argument("--server-pid", type=int, help="host-path: the `serve run` process, for the service's CPU split")
     p.add_argument("--json", help="write the report here")
     return p.parse_args(argv)
 
 
 if __name__ == "__main__":
     args = parse_args()
-    if args.served_only and not args.url:
-        sys.exit("--served-only needs --url")
+    if (args.served_only or args.scenario == "host-path") and not args.url:
+        sys.exit("--served-only and --scenario host-path need --url")
     report = asyncio.run(main(args))
     if args.json:
         Path(args.json).write_text(json.dumps(report, indent=1))

@@ -94,6 +94,13 @@ class ServiceConfig(BaseModel):
         "come from the top level. Empty: the one model the top-level fields describe (docs/migrating-models.md).",
     )
 
+    engine: Literal["model", "null"] = Field(
+        "model",
+        description="model: the encoder replicas load the model and batch. null: no model is loaded and every "
+        "input gets the same unit vector of the model's width at once, to measure the served path around the "
+        "model (docs/benchmark.md, host path); never for real traffic.",
+    )
+
     # --- where it runs ----------------------------------------------------------------
     device: str = Field("auto", description="auto (CUDA when the replica has a GPU), cpu or cuda.")
     dtype: str = Field(

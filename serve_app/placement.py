@@ -97,12 +97,19 @@ def ingress_options(device: str, num_gpus: float = 1.0, models: int = 1) -> dict
 
 
 def corpus_actor_resources(
-    device: str, tokenize_in: str, cpus_per_actor: int | None, max_actors: int | None
+    device: str, tokenize_in: str, cpus_per_actor: int | None, max_actors: int | None, gpus_per_actor: float = 1.0
 ) -> tuple[dict, int, bool]:
     """Ray resources of one corpus encoder actor, how many the pool may grow to, and whether
-    the actors tokenise (else CPU tasks do, in front of them)."""
+    the actors tokenise (else CPU tasks do, in front of them). On GPU clusters an actor takes
+    ``gpus_per_actor`` GPUs: a fraction puts several on one GPU, as ``encoder_num_gpus`` does
+    for the service."""
     if wants_gpu(device):
-        return {"num_gpus": 1, "num_cpus": 1}, max_actors or max(1, cluster_gpus()), tokenize_in == "actors"
+        fitting = max(1, math.floor(cluster_gpus() / gpus_per_actor + 1e-9))
+        return (
+            {"num_gpus": gpus_per_actor, "num_cpus": GPU_REPLICA_CPUS},
+            max_actors or fitting,
+            tokenize_in == "actors",
+        )
     in_actors = tokenize_in != "tasks"
     cpus = node_cpus()
     if cpus_per_actor is None:

@@ -15,6 +15,7 @@ import collections
 import contextlib
 import os
 import secrets
+import shutil
 import signal
 import subprocess
 import sys
@@ -144,7 +145,10 @@ class ServeProcess:
         self.proc: subprocess.Popen | None = None
 
     def start(self, timeout_s: float = 180) -> ServeProcess:
+        # beside this Python (a venv), else on PATH (a --target install, as on the GPU machine)
         serve_bin = str(Path(sys.executable).parent / "serve")
+        if not Path(serve_bin).exists():
+            serve_bin = shutil.which("serve") or serve_bin
         self._log = open(self.log_path, "wb")
         # `--address local` without a cluster: its own Ray, where serve run's default ("auto") would
         # join any Ray already running on the machine.

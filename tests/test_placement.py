@@ -68,3 +68,10 @@ def test_encoder_num_gpus_is_a_share_of_one_gpu(num_gpus):
     with pytest.raises(ValidationError):
         ServiceConfig(model="m", encoder_num_gpus=num_gpus)
     assert ServiceConfig(model="m", encoder_num_gpus=0.25).encoder_num_gpus == 0.25
+
+
+def test_corpus_encoder_actors_share_a_gpu_when_asked(cluster):
+    cluster(gpus=2, cpus=[32])
+    assert placement.corpus_actor_resources("auto", "auto", None, None) == ({"num_gpus": 1, "num_cpus": 1}, 2, False)
+    resources, actors, _ = placement.corpus_actor_resources("auto", "auto", None, None, gpus_per_actor=0.5)
+    assert resources == {"num_gpus": 0.5, "num_cpus": 1} and actors == 4

@@ -99,6 +99,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="CPU-only clusters: CPUs (torch threads) per encoder actor (default: node CPUs / 8, 1..8)",
     )
     run.add_argument(
+        "--gpus-per-actor",
+        type=float,
+        default=1.0,
+        help="GPU clusters: GPUs per encoder actor; 0.5 puts two actors on each GPU (default: 1)",
+    )
+    run.add_argument(
         "--tokenize-in",
         choices=["auto", "tasks", "actors"],
         help="where texts are read and tokenised: CPU tasks in front of the encoder actors, or the "

@@ -68,6 +68,9 @@ class CorpusOptions:
     max_actors: int | None = None
     #: CPU-only clusters: CPUs (torch threads) per encoder actor; None: node CPUs / 8, 1..8.
     cpus_per_actor: int | None = None
+    #: GPU clusters: GPUs per encoder actor; a fraction (0.5) puts several actors, each with its own
+    #: copy of the model, on one GPU, so one's host work overlaps another's GPU work.
+    gpus_per_actor: float = 1.0
     #: Where texts are read and tokenised: CPU tasks in front of the encoder actors, or the actors
     #: themselves; auto: tasks on GPU clusters, actors on CPU-only ones.
     tokenize_in: Literal["auto", "tasks", "actors"] = "auto"
@@ -109,6 +112,8 @@ class CorpusOptions:
             value = getattr(self, name)
             if value is not None and value < 1:
                 raise CorpusError(f"{name} must be at least 1, got {value}")
+        if not 0 < self.gpus_per_actor <= 1:
+            raise CorpusError(f"gpus_per_actor must be above 0 and at most 1, got {self.gpus_per_actor}")
         if self.progress_interval <= 0:
             raise CorpusError(f"progress_interval must be above 0, got {self.progress_interval}")
 

@@ -60,7 +60,7 @@ class Actors:
     """The encoder actor pool: Ray resources of one actor, the most actors, and whether they tokenise."""
 
     num_cpus: int
-    num_gpus: int
+    num_gpus: float
     max_actors: int
     tokenize_in_actors: bool
 
@@ -68,12 +68,12 @@ class Actors:
     def for_cluster(cls, options: CorpusOptions) -> Actors:
         """From ``serve_app.placement``, on the cluster Ray is connected to."""
         resources, max_actors, tokenize_in_actors = placement.corpus_actor_resources(
-            options.device, options.tokenize_in, options.cpus_per_actor, options.max_actors
+            options.device, options.tokenize_in, options.cpus_per_actor, options.max_actors, options.gpus_per_actor
         )
         return cls(resources.get("num_cpus", 0), resources.get("num_gpus", 0), max_actors, tokenize_in_actors)
 
     def describe(self, actors: int) -> str:
-        each = f"{self.num_gpus} GPU" if self.num_gpus else f"{self.num_cpus} CPU"
+        each = f"{self.num_gpus:g} GPU" if self.num_gpus else f"{self.num_cpus} CPU"
         where = "they tokenise too" if self.tokenize_in_actors else "tokenising in CPU tasks"
         return f"{actors} encoder actor{'s' if actors != 1 else ''} ({each} each; {where})"
 

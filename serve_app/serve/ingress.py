@@ -82,6 +82,7 @@ class RequestTimings:
     tokenization_s: float | None = None
     queue_s: float | None = None
     inference_s: float | None = None
+    render_s: float | None = None
 
     def headers(self, total_s: float) -> dict[str, str]:
         """Where an embeddings request's time went, as response headers (none for other routes)."""
@@ -92,6 +93,7 @@ class RequestTimings:
             "x-tokenization-time": _ms(self.tokenization_s),
             "x-queue-time": _ms(self.queue_s),
             "x-inference-time": _ms(self.inference_s),
+            "x-render-time": _ms(self.render_s or 0.0),
             "x-compute-tokens": str(self.tokens),
         }
 
@@ -309,7 +311,10 @@ class EmbeddingsService:
             embedded.queue_s,
             embedded.inference_s,
         )
-        return _json(work.answer(embedded.vectors))
+        t1 = time.perf_counter()
+        answer = work.answer(embedded.vectors)
+        timings.render_s = time.perf_counter() - t1
+        return _json(answer)
 
     # --- each route's parsing, validation and tokenising: CPU work, run in a thread ----------
 

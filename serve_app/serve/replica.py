@@ -2,7 +2,8 @@
 
 One replica = one model on one device (a GPU, or the CPUs it reserved). It receives
 token ids (tokenisation is done in the ingress) and returns native-size vectors. Each served
-model is its own deployment of this class (``ServiceConfig.encoder_deployment``).
+model is its own deployment of this class (``ServiceConfig.encoder_deployment``). With
+``engine: null`` it loads no model and answers at once (``batching.null_engine``).
 """
 
 from __future__ import annotations
@@ -14,8 +15,10 @@ import time
 import torch
 from ray import serve
 
+from ..batching.null_engine import NullEngine
 from ..batching.scheduler import EmbedResult, TokenBudgetBatcher
 from ..config import ServiceConfig
+from ..core.checkpoint import read_model_files
 from ..core.device import resolve_device, use_cpu_threads
 from ..core.encoder import Encoder
 from ..errors import OverloadedError
@@ -36,6 +39,33 @@ class EncoderReplica:
         started = time.perf_counter()
         route_core_logs_to_serve()
         self.config = cfg = ServiceConfig(**config)
+        self.metrics = ReplicaMetrics(cfg.model_id)
+        self.batcher: TokenBudgetBatcher | NullEngine
+        if cfg.engine == "null":
+            self.batcher = NullEngine(read_model_files(cfg.model).hidden_size)
+            self.description = {"model": cfg.model_id, "engine": "null", "dimensions": self.batcher.dimensions}
+            self.max_batch_tokens = 16384  # the autoscaling backlog's unit; a null replica never holds a backlog
+            log.warning("encoder replica runs the NULL engine: no model, every vector the same (benchmarks only)")
+        else:
+            encoder = self._load_encoder(cfg)
+            self.batcher = TokenBudgetBatcher.for_encoder(encoder, cfg, on_batch=self._on_batch, on_drop=self._on_drop)
+            self.description = {
+                "model": cfg.model_id,
+                "device": str(encoder.device),
+                "dtype": str(encoder.dtype),
+                "max_batch_tokens": encoder.max_batch_tokens,
+            }
+            self.max_batch_tokens = encoder.max_batch_tokens
+        self.calls = 0  # embed calls received (one per chunk of a request)
+        self.in_flight = 0  # embed calls inside this replica now (what Serve counts as its ongoing requests)
+        self.in_flight_tokens = 0  # their tokens: what the autoscaling policy scales on
+        resources = assigned_resources()
+        # What this replica holds, for the policy's one-node cap.
+        self.resource_stats = {name: resources.get(r, 0.0) for name, r in REPLICA_RESOURCE_METRICS.items()}
+        log.info("encoder replica ready in %.1fs", time.perf_counter() - started)
+
+    @staticmethod
+    def _load_encoder(cfg: ServiceConfig) -> Encoder:
         device = resolve_device(cfg.device)
         if device.type == "cpu":
             use_cpu_threads(reserved_cpus())
@@ -47,7 +77,7 @@ class EncoderReplica:
             torch.get_num_threads(),
             os.environ.get("OMP_NUM_THREADS"),
         )
-        self.encoder = Encoder.from_pretrained(
+        encoder = Encoder.from_pretrained(
             cfg.model,
             device=device,
             dtype=cfg.dtype,
@@ -55,16 +85,8 @@ class EncoderReplica:
             max_batch_tokens=cfg.max_batch_tokens,
             trust_remote_code=cfg.trust_remote_code,
         )
-        self.encoder.warm_up()
-        self.metrics = ReplicaMetrics(cfg.model_id)
-        self.batcher = TokenBudgetBatcher.for_encoder(self.encoder, cfg, on_batch=self._on_batch, on_drop=self._on_drop)
-        self.calls = 0  # embed calls received (one per chunk of a request)
-        self.in_flight = 0  # embed calls inside this replica now (what Serve counts as its ongoing requests)
-        self.in_flight_tokens = 0  # their tokens: what the autoscaling policy scales on
-        resources = assigned_resources()
-        # What this replica holds, for the policy's one-node cap.
-        self.resource_stats = {name: resources.get(r, 0.0) for name, r in REPLICA_RESOURCE_METRICS.items()}
-        log.info("encoder replica ready in %.1fs", time.perf_counter() - started)
+        encoder.warm_up()
+        return encoder
 
     async def embed(self, token_ids: list[list[int]], priority: str = "bulk") -> EmbedResult | OverloadedError:
         """The chunk's vectors; or, when this replica's queue is full, the ``OverloadedError`` itself.
@@ -94,17 +116,12 @@ class EncoderReplica:
         self.metrics.record_dropped(inputs, self.batcher.queued_tokens)
 
     def health(self) -> dict:
-        return {
-            "model": self.config.model_id,
-            "device": str(self.encoder.device),
-            "dtype": str(self.encoder.dtype),
-            "max_batch_tokens": self.encoder.max_batch_tokens,
-        }
+        return self.description
 
     def record_autoscaling_stats(self) -> dict[str, float]:
         """Serve samples this for the autoscaling policy (serve_app.serve.autoscaling): work held, in forward
         passes, and the resources this replica holds."""
-        return {BACKLOG_METRIC: self.in_flight_tokens / self.encoder.max_batch_tokens, **self.resource_stats}
+        return {BACKLOG_METRIC: self.in_flight_tokens / self.max_batch_tokens, **self.resource_stats}
 
     def stats(self) -> dict:
         """Scheduler counters since start (benchmarks read these), and which replica answered."""
