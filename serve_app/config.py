@@ -8,6 +8,8 @@ YAML under ``deployments:``, as Ray Serve defines them.
 
 from __future__ import annotations
 
+import hashlib
+import json
 import os
 import re
 from typing import Literal
@@ -248,6 +250,13 @@ class ServiceConfig(BaseModel):
             )
             for n, entry in enumerate(self.models, start=1)
         ]
+
+    @property
+    def vector_revision(self) -> str:
+        """A short name for what decides this model's vectors (source, dtype, engine): replicas of two
+        deployed versions differ in it, so a request never joins vectors of both (serve/dispatch.py)."""
+        made_by = json.dumps([self.model, self.dtype, self.engine, self.trust_remote_code]).encode()
+        return hashlib.sha256(made_by).hexdigest()[:12]
 
     @property
     def model_id(self) -> str:

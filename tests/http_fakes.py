@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import zlib
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import httpx
@@ -46,13 +47,14 @@ class FakeResponse:
     async def _result(self) -> EmbedResult | OverloadedError:
         enc = self.encoder
         enc.calls.append(self)
+        revision = enc.revision_of_call(len(enc.calls))
         if enc.failure is not None and enc.fail_on_call in (None, len(enc.calls)):
             if isinstance(enc.failure, OverloadedError):
                 return enc.failure  # at once, as a replica with a full queue answers
             raise enc.failure
         await asyncio.sleep(enc.delay_s)
         vectors = np.stack([fake_vector(ids) for ids in self.token_ids])
-        return EmbedResult(vectors, 0.0, enc.delay_s, 1)
+        return EmbedResult(vectors, 0.0, enc.delay_s, 1, revision=revision)
 
 
 @dataclass
@@ -71,6 +73,8 @@ class FakeEncoder:
     failure: BaseException | None = None
     fail_on_call: int | None = None
     healthy: bool = True
+    # The model version that answers call number n (a redeploy rolling through answers with two).
+    revision_of_call: Callable[[int], str] = lambda n: "v1"
     calls: list = field(default_factory=list)
     cancelled: list = field(default_factory=list)
 

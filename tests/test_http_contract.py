@@ -444,6 +444,31 @@ def test_a_large_body_sent_without_a_length_waits_for_its_turn_before_more_is_re
     assert first["status"] == second["status"] == 200, second["body"]
 
 
+# --- a redeploy rolling through -----------------------------------------------------------------
+
+
+def test_a_request_split_over_two_model_versions_is_sent_again_and_answered_by_one(model_dir):
+    # The first chunk lands on a replica of the old version, the others on the new one; from then on
+    # only the new version answers (the old replicas are gone).
+    encoder = FakeEncoder(revision_of_call=lambda n: "old" if n == 1 else "new")
+    svc = service(model_dir, encoder, max_chunk_tokens=8)
+    texts = ["one two three four five six seven"] * 3  # one chunk each
+
+    resp = run(post(svc, {"model": model_id(model_dir), "input": texts}))
+    assert resp.status_code == 200
+    assert len(encoder.calls) == 6  # 3 chunks, mixed; then all 3 again, of one version
+
+
+def test_a_request_that_keeps_meeting_two_model_versions_is_503_not_a_mix(model_dir):
+    encoder = FakeEncoder(revision_of_call=lambda n: "old" if n % 2 else "new")
+    svc = service(model_dir, encoder, max_chunk_tokens=8)
+
+    resp = run(post(svc, {"model": model_id(model_dir), "input": ["one two three four five six seven"] * 2}))
+    error_of(resp, 503, "rate_limit_error")
+    assert "redeployed" in resp.json()["error"]["message"]
+    assert len(encoder.calls) == 2 * 3  # MAX_MIXED_ATTEMPTS sends of both chunks
+
+
 # --- cancellation ------------------------------------------------------------------------------
 
 

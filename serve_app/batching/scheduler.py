@@ -54,6 +54,7 @@ class EmbedResult:
     queue_s: float  # arrival → first of its inputs enters a batch
     inference_s: float  # first batch start → last batch end
     batches: int
+    revision: str = ""  # what made the vectors (set by the replica): chunks of one request must agree
 
 
 @dataclass(eq=False)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Protocol
 
@@ -37,6 +38,9 @@ log = logging.getLogger("ray.serve")
 RETRYABLE = (ActorDiedError, ActorUnavailableError, RayActorError, ObjectLostError, WorkerCrashedError, NodeDiedError)
 MAX_ATTEMPTS = 5
 RETRY_BACKOFF_S = 0.1  # before attempt 2; doubled for each further one (the request timeout bounds it all)
+#: A request whose chunks came back from two deployed versions of the model (a redeploy is rolling
+#: through) is sent again whole, this many times at most, so its vectors are all of one version.
+MAX_MIXED_ATTEMPTS = 3
 
 
 class EncoderHandle(Protocol):
@@ -70,13 +74,43 @@ async def embed_on_replicas(
     """Send ``token_ids`` in chunks (spread over replicas); reassemble in input order.
 
     The first chunk to fail fails the request and cancels the others, in the replicas too;
-    so does the caller being cancelled (the client going away).
+    so does the caller being cancelled (the client going away). Chunks answered by replicas of
+    two versions of the model (during a redeploy) are never joined: the request is sent again.
     """
     lengths = [len(ids) for ids in token_ids]
     chunks = plan_batches(lengths, max_chunk_tokens)
+    deadline = time.monotonic() + timeout_s
+    for attempt in range(1, MAX_MIXED_ATTEMPTS + 1):
+        results = await _embed_chunks(encoder, token_ids, chunks, priority, deadline - time.monotonic(), timeout_s)
+        revisions = {r.revision for r in results}
+        if len(revisions) == 1:
+            break
+        log.warning(
+            "a request's chunks came from model versions %s (a redeploy is rolling through): attempt %d of %d",
+            sorted(revisions),
+            attempt,
+            MAX_MIXED_ATTEMPTS,
+        )
+    else:
+        raise OverloadedError("the model is being redeployed and answers came from two versions; retry shortly")
+    vectors = np.empty((len(lengths), dimensions), np.float32)
+    for chunk, result in zip(chunks, results):
+        vectors[chunk] = result.vectors
+    return Embedded(vectors, max(r.queue_s for r in results), max(r.inference_s for r in results))
+
+
+async def _embed_chunks(
+    encoder: EncoderHandle,
+    token_ids: list[list[int]],
+    chunks: list[list[int]],
+    priority: str,
+    wait_s: float,
+    timeout_s: float,
+) -> list[EmbedResult]:
+    """Every chunk on a replica at once; each chunk's result in plan order."""
     tasks = [asyncio.ensure_future(_embed_chunk(encoder, [token_ids[i] for i in chunk], priority)) for chunk in chunks]
     try:
-        done, pending = await asyncio.wait(tasks, timeout=timeout_s, return_when=asyncio.FIRST_EXCEPTION)
+        done, pending = await asyncio.wait(tasks, timeout=max(0.0, wait_s), return_when=asyncio.FIRST_EXCEPTION)
         failures = [exc for exc in (t.exception() for t in tasks if t in done) if exc is not None]
         if failures:
             raise failures[0]
@@ -85,11 +119,7 @@ async def embed_on_replicas(
     finally:
         for task in tasks:
             task.cancel()
-    results = [task.result() for task in tasks]
-    vectors = np.empty((len(lengths), dimensions), np.float32)
-    for chunk, result in zip(chunks, results):
-        vectors[chunk] = result.vectors
-    return Embedded(vectors, max(r.queue_s for r in results), max(r.inference_s for r in results))
+    return [task.result() for task in tasks]
 
 
 async def _embed_chunk(encoder: EncoderHandle, token_ids: list[list[int]], priority: str) -> EmbedResult:

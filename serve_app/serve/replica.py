@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 import os
 import time
+from dataclasses import replace
 
 import torch
 from ray import serve
@@ -39,6 +40,7 @@ class EncoderReplica:
         started = time.perf_counter()
         route_core_logs_to_serve()
         self.config = cfg = ServiceConfig(**config)
+        self.revision = cfg.vector_revision
         self.metrics = ReplicaMetrics(cfg.model_id)
         self.batcher: TokenBudgetBatcher | NullEngine
         if cfg.engine == "null":
@@ -101,7 +103,7 @@ class EncoderReplica:
         self.in_flight += 1
         self.in_flight_tokens += n_tokens
         try:
-            return await self.batcher.embed(token_ids, priority)
+            return replace(await self.batcher.embed(token_ids, priority), revision=self.revision)
         except OverloadedError as exc:
             return exc
         finally:
