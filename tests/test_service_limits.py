@@ -9,7 +9,9 @@ import httpx
 import numpy as np
 import openai
 import pytest
+from sentence_transformers.quantization import quantize_embeddings
 
+from serve_app.core.quantization import CalibrationRanges
 from tests.openai_errors import assert_openai_error
 from tests.service_harness import ServeProcess
 
@@ -27,8 +29,19 @@ LIMITS = {
 
 
 @pytest.fixture(scope="module")
-def service(tiny_model_dir):
-    with ServeProcess(tiny_model_dir, env={"KALM_API_KEYS": f"other-key, {KEY}"}, config_overrides=LIMITS) as svc:
+def calibration_sample() -> np.ndarray:
+    """Unit vectors of the tiny model's width, standing in for a corpus sample."""
+    rng = np.random.default_rng(0)
+    sample = rng.standard_normal((300, 64)).astype(np.float32)
+    return sample / np.linalg.norm(sample, axis=1, keepdims=True)
+
+
+@pytest.fixture(scope="module")
+def service(tiny_model_dir, tmp_path_factory, calibration_sample):
+    ranges = tmp_path_factory.mktemp("calibration") / "_calibration.json"
+    ranges.write_bytes(CalibrationRanges.from_sample(calibration_sample, [64, 32], "tiny").to_json())
+    config = {**LIMITS, "calibration_ranges": str(ranges)}
+    with ServeProcess(tiny_model_dir, env={"KALM_API_KEYS": f"other-key, {KEY}"}, config_overrides=config) as svc:
         yield svc
 
 
@@ -133,3 +146,24 @@ def test_overload_gets_fast_retryable_503_and_admitted_requests_succeed(overload
         f"overload: {len(overloaded)} refused (max {max(s for _, s in overloaded) * 1e3:.0f} ms), "
         f"{len(admitted)} admitted"
     )
+
+
+def test_the_cohere_client_gets_every_type_from_the_served_model(service, model_id, calibration_sample):
+    """cohere.ClientV2 against `serve run` with a calibration file in the YAML: every type, each
+    exactly sentence-transformers' quantize_embeddings of the float vectors with the same ranges."""
+    import cohere
+
+    texts = ["What is Ray Serve?", "东京是日本的首都。"]
+    co = cohere.ClientV2(base_url=service.base_url, api_key=KEY, timeout=60)
+    types = ["float", "int8", "uint8", "binary", "ubinary"]
+    answer = co.embed(
+        model=model_id, texts=texts, input_type="search_document", embedding_types=types, output_dimension=32
+    )
+    got = np.array(answer.embeddings.float_, np.float32)
+    v1 = post(service, {"model": model_id, "input": texts, "dimensions": 32, "input_type": "document"}).json()
+    want = np.array([d["embedding"] for d in v1["data"]], np.float32)
+    assert (np.sum(got * want, axis=1) >= 0.999999).all()  # the vectors /v1/embeddings gives
+    ranges = CalibrationRanges.from_sample(calibration_sample, [32], "tiny").ranges[32]
+    for t in types[1:]:
+        expected = quantize_embeddings(got, precision=t, ranges=ranges)
+        assert np.array(getattr(answer.embeddings, t)).astype(expected.dtype).tobytes() == expected.tobytes(), t
