@@ -37,6 +37,7 @@ c["http_options"]["port"] = int(sys.argv[1])
 yaml.safe_dump(c, open(sys.argv[2], "w"), sort_keys=False)' "$2" "$config"
   shift 2
 fi
+python -m serve_app.serve.ready_line "$config" --check-port || { [ -n "$tmp_config_dir" ] && rm -rf "$tmp_config_dir"; exit 1; }
 # `exec` keeps this pid for serve run (Ctrl-C reaches it as before); the watcher polls it until ready.
 python -m serve_app.serve.ready_line "$config" --while-pid $$ ${tmp_config_dir:+--remove "$tmp_config_dir"} &
 exec serve run "$config" "$@"

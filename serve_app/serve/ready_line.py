@@ -13,6 +13,7 @@ import argparse
 import json
 import os
 import shutil
+import socket
 import time
 import urllib.error
 import urllib.request
@@ -69,13 +70,34 @@ def wait_until_ready(url: str, pid: int) -> str | None:
     return None
 
 
+def port_taken(url: str) -> bool:
+    """Something already accepts connections where the service would listen."""
+    host, port = url.rsplit("/", 1)[-1].rsplit(":", 1)
+    try:
+        socket.create_connection((host, int(port)), timeout=2).close()
+    except OSError:
+        return False
+    return True
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("config")
-    parser.add_argument("--while-pid", type=int, required=True)
+    parser.add_argument("--while-pid", type=int, help="the serve run to watch until its service answers")
     parser.add_argument("--remove", help="a folder to delete when done (--port's temporary config)")
+    parser.add_argument(
+        "--check-port", action="store_true", help="only say whether the config's port is free (exit 1 if taken)"
+    )
     args = parser.parse_args(argv)
     url = service_url(args.config)
+    if args.check_port:
+        # Before serve run starts: another server there would answer the watcher's polls (and take
+        # the port serve run's proxy needs).
+        if port_taken(url):
+            raise SystemExit(f"kalm-serve: {url} is already in use: stop what serves there, or pass --port N")
+        return
+    if args.while_pid is None:
+        parser.error("--while-pid is required (or --check-port)")
     try:
         line = wait_until_ready(url, args.while_pid)
     finally:
