@@ -105,12 +105,18 @@ def post(client: httpx.Client, url: str, raw: bytes) -> tuple[int, float, str]:
 SMALL_QUERY = "a short query about embeddings and how a service answers it quickly"  # ~20 tokens
 
 
-def small_queries(url: str, model: str, stop: threading.Event, latencies: list[float]) -> None:
+def small_queries(
+    url: str, model: str, stop: threading.Event, latencies: list[float], server_s: list[float] | None = None
+) -> None:
+    """Small queries back to back until ``stop``: each one's seconds into ``latencies``, and the
+    ingress's own ``x-total-time`` (from its receipt of the request to its answer) into ``server_s``."""
     with httpx.Client(timeout=120) as client:
         while not stop.is_set():
             started = time.perf_counter()
-            client.post(url, json={"model": model, "input": SMALL_QUERY})
+            response = client.post(url, json={"model": model, "input": SMALL_QUERY})
             latencies.append(time.perf_counter() - started)
+            if server_s is not None and "x-total-time" in response.headers:
+                server_s.append(float(response.headers["x-total-time"]) / 1e3)
 
 
 def main() -> None:

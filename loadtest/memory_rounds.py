@@ -8,7 +8,9 @@ while four clients send small (~20-token) queries back to back. ``--upload lengt
 declared Content-Length (httpx); ``chunked`` runs curl exactly as a user would send a file,
 ``curl -H 'Transfer-Encoding: chunked' --data-binary @file``. After each round it prints the RSS of
 each ingress replica and of Serve's proxy (the processes whose TMPDIR or RAY_TMPDIR is ``--ray-tmpdir``), the
-big requests' seconds and the small queries' p50/p95; at the end the RSS after ``--idle-s`` idle.
+big requests' seconds (and the medians of the service's own split: tokenisation, queue, inference) and
+the small queries' p50/p95 (and the p95 of their time inside the ingress); at the end the RSS after
+``--idle-s`` idle.
 A benchmark: it prints numbers and asserts nothing.
 """
 
@@ -53,19 +55,30 @@ def rss_mb(procs: dict[str, psutil.Process]) -> dict[str, float]:
     return {name: round(p.memory_info().rss / MIB, 1) for name, p in procs.items()}
 
 
-def big_request(url: str, path: str, upload: str) -> tuple[int, float]:
+#: The service's timing headers of a big request (ms): where its seconds went.
+SPLIT_HEADERS = ("x-tokenization-time", "x-queue-time", "x-inference-time")
+
+
+def big_request(url: str, path: str, upload: str) -> tuple[int, float, dict[str, float]]:
+    """(status, seconds, the service's split of them in seconds) of one big request."""
     started = time.perf_counter()
     if upload == "chunked":
+        written = "%{http_code}" + "".join(f" %header{{{name}}}" for name in SPLIT_HEADERS)
         out = subprocess.run(
-            ["curl", "-s", "-o", "/dev/null", "-w", "%{http_code}", "-H", "content-type: application/json",
+            ["curl", "-s", "-o", "/dev/null", "-w", written, "-H", "content-type: application/json",
              "-H", "Transfer-Encoding: chunked", "--data-binary", f"@{path}", url],
             capture_output=True, text=True, timeout=600,
         )  # fmt: skip
-        status = int(out.stdout or 0)
+        status, *values = (out.stdout or "0").split(" ")
     else:
         with open(path, "rb") as f, httpx.Client(timeout=600) as client:
-            status = client.post(url, content=f.read(), headers={"content-type": "application/json"}).status_code
-    return status, time.perf_counter() - started
+            response = client.post(url, content=f.read(), headers={"content-type": "application/json"})
+        status, values = str(response.status_code), [response.headers.get(name, "") for name in SPLIT_HEADERS]
+    seconds = time.perf_counter() - started
+    split = {
+        name.removeprefix("x-").removesuffix("-time"): float(v) / 1e3 for name, v in zip(SPLIT_HEADERS, values) if v
+    }
+    return int(status), seconds, split
 
 
 def main() -> None:
@@ -90,9 +103,10 @@ def main() -> None:
         procs = service_processes(args.ray_tmpdir)
         print(json.dumps({"start_rss_mb": rss_mb(procs), "upload": args.upload}))
         for round_ in range(1, args.rounds + 1):
-            stop, latencies = threading.Event(), list[float]()
+            stop, latencies, server_s = threading.Event(), list[float](), list[float]()
             queriers = [
-                threading.Thread(target=small_queries, args=(url, args.model, stop, latencies)) for _ in range(4)
+                threading.Thread(target=small_queries, args=(url, args.model, stop, latencies, server_s))
+                for _ in range(4)
             ]
             for t in queriers:
                 t.start()
@@ -103,12 +117,19 @@ def main() -> None:
                 t.join()
             line = {
                 "round": round_,
-                "big_status": sorted({s for s, _ in big}),
-                "big_s_max": round(max(sec for _, sec in big), 2),
-                "big_s_median": round(statistics.median(sec for _, sec in big), 2),
+                "big_status": sorted({s for s, _, _ in big}),
+                "big_s_max": round(max(sec for _, sec, _ in big), 2),
+                "big_s_median": round(statistics.median(sec for _, sec, _ in big), 2),
+                # medians of the service's own split: host work, waiting for the encoder, the encoder
+                **{
+                    f"big_{part}_s_median": round(statistics.median(split.get(part, 0.0) for _, _, split in big), 2)
+                    for part in ("tokenization", "queue", "inference")
+                },
                 "small_n": len(latencies),
                 "small_p50_s": round(percentile(latencies, 50), 3),
                 "small_p95_s": round(percentile(latencies, 95), 3),
+                # the same queries' time inside the ingress: the rest is the proxy, the network and the client
+                "small_ingress_p95_s": round(percentile(server_s, 95), 3),
                 "rss_mb": rss_mb(procs),
             }
             print(json.dumps(line), flush=True)

@@ -210,6 +210,37 @@ def test_a_query_does_not_stop_bulk_work_when_it_is_bulks_turn():
     assert not lanes.preempts(bulk)
 
 
+def test_long_bulk_texts_are_done_one_after_another_not_all_started_and_left_half_done():
+    """While a batch is paused, pending bulk inputs do not age past it: each long text's request
+    finishes in turn, instead of every one finishing at the end of the whole burst."""
+    lanes = make_lanes(max_batch_tokens=64, interactive_batch_tokens=64)
+    queue(lanes, "first", 1000)
+    queue(lanes, "second", 1000)
+    first = start(lanes)
+    lanes.pause(first)  # stopped for a query
+    resumed = 0
+    for k in range(6):  # a stream of queries
+        queue(lanes, f"query{k}", 40, interactive=True)
+        step = lanes.next_step(0.0)
+        if isinstance(step, Resume):  # aged: it goes on for a step, then the query stops it again
+            assert step.batch is first
+            resumed += 1
+            lanes.pause(first)
+            step = lanes.next_step(0.0)
+        assert isinstance(step, Start) and callers(step.batch) == [f"query{k}"]  # never the second text
+    assert resumed == 2  # once every two queries
+
+
+def test_the_share_holds_when_the_running_batch_is_all_the_bulk_work_there_is():
+    lanes = make_lanes(max_batch_tokens=32)
+    queue(lanes, "query", 32, interactive=True)
+    lanes.account(start(lanes), compute_s=1.0, now=1.0)
+    queue(lanes, "bulk", 32, now=1.0)
+    bulk = start(lanes, now=1.0)  # nothing bulk is left pending
+    queue(lanes, "query", 32, interactive=True, now=1.0)
+    assert not lanes.preempts(bulk)
+
+
 def test_a_bulk_input_too_long_for_query_batches_leads_a_batch_once_passed_over_twice():
     """Ageing: under a stream of queries, the oldest bulk input leads the next batch (a query rides in it)."""
     lanes = make_lanes(max_batch_tokens=256, interactive_batch_tokens=64, interactive_max_share=0.9)
@@ -227,7 +258,9 @@ def test_a_bulk_input_too_long_for_query_batches_leads_a_batch_once_passed_over_
     assert batches == [[40, 20], [40, 20], [200, 40]]
 
 
-def test_a_paused_batch_passed_over_twice_goes_on_before_waiting_queries_and_is_not_stopped_again():
+def test_a_paused_batch_passed_over_twice_goes_on_before_waiting_queries_then_ages_again():
+    """It runs a step ahead of the queries (it always moves on), after which a query may stop it
+    again (one long text never holds queries back for more than a step)."""
     lanes = make_lanes()
     queue(lanes, "bulk", 128, 128)
     bulk = start(lanes)
@@ -237,4 +270,8 @@ def test_a_paused_batch_passed_over_twice_goes_on_before_waiting_queries_and_is_
         assert callers(start(lanes)) == [f"query{k}"]
     queue(lanes, "query2", 5, interactive=True)
     assert lanes.next_step(0.0) == Resume(bulk)
-    assert not lanes.preempts(bulk)
+    assert lanes.preempts(bulk)
+    lanes.pause(bulk)
+    assert callers(start(lanes)) == ["query2"]
+    queue(lanes, "query3", 5, interactive=True)
+    assert callers(start(lanes)) == ["query3"]  # passed over once since it went on: not aged yet

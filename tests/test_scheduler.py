@@ -250,6 +250,34 @@ def test_long_bulk_batch_pauses_between_layers_for_a_query_and_then_resumes():
     assert [len(b) for b in model.batches] == [2, 1]
 
 
+def test_bulk_work_that_went_ahead_of_waiting_queries_lets_them_in_after_one_step():
+    """Ageing puts a paused bulk batch ahead of queries that are already waiting; it must not then
+    run to its end (closed-loop clients, all waiting, send nothing new that would stop it)."""
+    model = FakeModel(seconds_per_token=0.002, layers=8)  # the bulk batch: 256 tokens ≈ 0.5 s
+    batcher = TokenBudgetBatcher(
+        model.start_batch, 4, max_batch_tokens=256, interactive_batch_tokens=8, max_batch_wait_s=0
+    )
+    finished: dict[str, float] = {}
+
+    async def timed(name, coro):
+        result = await coro
+        finished[name] = time.monotonic()
+        return result
+
+    async def main():
+        bulk = asyncio.create_task(timed("bulk", batcher.embed(inputs(128, 128, first=1), "bulk")))
+        await asyncio.sleep(0.1)  # the bulk batch is a few layers in
+        # three queries at once, one per batch (budget 8): after two, the paused bulk batch has aged
+        await asyncio.gather(
+            *(timed(f"q{k}", batcher.embed(inputs(5, first=900 + k), "interactive")) for k in range(3))
+        )
+        await bulk
+
+    run(main())
+    assert finished["q2"] < finished["bulk"]  # it went on for a step, then let the third query in
+    assert batcher.stats.preemptions == 2
+
+
 def test_stepped_forward_pass_equals_one_piece(tiny_encoder):
     ids = [t.ids for t in tiny_encoder.tokenizer.encode_texts(["first text", "a second, longer text here"])]
     runner = tiny_encoder.start_batch(ids)
@@ -258,6 +286,28 @@ def test_stepped_forward_pass_equals_one_piece(tiny_encoder):
         steps += 1
     assert steps == tiny_encoder.model.num_layers - 1
     np.testing.assert_allclose(runner.result()[0], tiny_encoder.forward_batch(ids)[0], atol=1e-6)
+
+
+def test_a_long_text_stops_within_layers_too_and_gives_the_same_vector(tiny_encoder, monkeypatch):
+    """On CPU one 32k-token text takes seconds per layer: its products run in pieces of
+    ``step_tokens`` rows and its attention in blocks of query rows, with a stop between pieces."""
+    from serve_app.core import attention
+
+    ids = [[100 + i % 700 for i in range(300)], [7] * 20]
+    monkeypatch.setattr(tiny_encoder, "step_tokens", None)
+    whole = tiny_encoder.forward_batch(ids)[0]
+
+    monkeypatch.setattr(tiny_encoder, "step_tokens", 32)
+    monkeypatch.setattr(attention, "MIN_BLOCK_ROWS", 16)  # blocks of the 300-token text's query rows
+    runner = tiny_encoder.start_batch(ids)
+    stops = 0
+    while not runner.run(should_yield=lambda: True):
+        stops += 1
+    layers = tiny_encoder.model.num_layers
+    # per layer: 320 rows in 10 pieces twice (9 stops each) and attention over >= 2 blocks; between layers 1
+    assert stops >= layers * (2 * 9 + 1) + layers - 1
+    np.testing.assert_allclose(runner.result()[0], whole, atol=1e-6)
+    np.testing.assert_allclose(tiny_encoder.forward_batch(ids)[0], whole, atol=1e-6)  # without stops, too
 
 
 def test_a_failing_batch_observer_does_not_stop_the_loop():

@@ -23,13 +23,16 @@ argument, so a fake clock drives it. The rules:
   takes longer than queries may wait.
 * **Fill wait.** A batch below its budget waits at most ``max_batch_wait_s`` (from its
   head's arrival) for more work.
-* **Preemption between layers.** A running bulk batch is stopped when interactive work
-  arrives that may go first; it resumes from where it stopped once no interactive work is
-  waiting (or the share says bulk's turn).
+* **Preemption between steps.** A running bulk batch is stopped when interactive work
+  arrives that may go first, at its next step (a layer, or on CPU a piece of a long
+  layer); it resumes from where it stopped once no interactive work is waiting (or the
+  share says bulk's turn).
 * **Ageing.** The oldest pending bulk input, or the oldest paused batch, goes next once
-  ``MAX_PASSED_OVER`` batches have started ahead of it, and is then not preempted
-  (queries still ride in its batch): under a steady stream of queries, a bulk input too
-  long for a query's batch would otherwise wait for a gap that never comes.
+  ``MAX_PASSED_OVER`` batches have started ahead of it (queries still ride in a new
+  batch): under a steady stream of queries, a bulk input too long for a query's batch would
+  otherwise wait for a gap that never comes. A paused batch that goes on runs at least one
+  step before a query may stop it again: the one 32k-token text never holds queries back
+  for more than a step, and always moves on.
 """
 
 from __future__ import annotations
@@ -93,11 +96,6 @@ class Batch(Generic[Caller]):
     interactive: bool  # holds interactive work: never preempted
     interactive_fraction: float  # share of its tokens that are interactive: its compute is split so
     passed_over: int = 0  # while paused: batches started ahead of it
-
-    @property
-    def preemptible(self) -> bool:
-        """Bulk work that has not aged: interactive work may stop it between layers."""
-        return not self.interactive and self.passed_over < MAX_PASSED_OVER
 
 
 @dataclass(frozen=True)
@@ -170,9 +168,14 @@ class Lanes(Generic[Caller]):
         self._bulk = deque(_live(self._bulk))
         return dropped
 
+    def interactive_waiting(self) -> bool:
+        """Whether interactive work waits in its lane."""
+        return any(_live(self._interactive))
+
     def preempts(self, running: Batch[Caller] | None) -> bool:
-        """Whether interactive work that just arrived should stop ``running`` at its next layer."""
-        return running is not None and running.preemptible and self.interactive_turn()
+        """Whether interactive work should stop ``running`` at its next step: bulk work, while the
+        interactive lane is under its share (``running`` is bulk work, whatever the lanes hold)."""
+        return running is not None and not running.interactive and self.interactive_share() < self.interactive_max_share
 
     # --- what runs next -------------------------------------------------------------
 
@@ -183,7 +186,9 @@ class Lanes(Generic[Caller]):
         head = next(self._in_turn_order(), None)
         # paused batches are bulk, stopped for interactive work: they go on once none waits, or when aged
         if self._paused and (head is None or not head.interactive or self._paused[0].passed_over >= MAX_PASSED_OVER):
-            return Resume(self._paused.pop(0))
+            paused = self._paused.pop(0)
+            paused.passed_over = 0  # ages again from here: a query may stop it after its next step
+            return Resume(paused)
         if head is None:
             return Wait(None)
         inputs, cost, budget = self._select()
@@ -193,7 +198,7 @@ class Lanes(Generic[Caller]):
         return Wait(wait)
 
     def pause(self, batch: Batch[Caller]) -> None:
-        """``batch`` stopped between layers for interactive work; it waits for its turn to go on."""
+        """``batch`` stopped for interactive work; it waits for its turn to go on."""
         self._paused.append(batch)
 
     def account(self, batch: Batch[Caller], compute_s: float, now: float) -> None:
@@ -251,16 +256,15 @@ class Lanes(Generic[Caller]):
         oldest_bulk = next(_live(self._bulk), None)
         for item in inputs:
             item.taken = True
-        if oldest_bulk is not None and not oldest_bulk.taken:
-            oldest_bulk.passed_over += 1
+        # Bulk work is done in order: while a batch is paused, it is what ages (and goes on first);
+        # pending bulk inputs age once none is, so long texts are not started, and all left half-done.
         if self._paused:
             self._paused[0].passed_over += 1
+        elif oldest_bulk is not None and not oldest_bulk.taken:
+            oldest_bulk.passed_over += 1
         tokens = sum(len(item.ids) for item in inputs)
         interactive_tokens = sum(len(item.ids) for item in inputs if item.interactive)
-        batch = Batch(inputs, interactive_tokens > 0, interactive_tokens / tokens if tokens else 0.0)
-        if inputs[0].passed_over >= MAX_PASSED_OVER:
-            batch.passed_over = inputs[0].passed_over  # led by an aged input: runs to the end
-        return batch
+        return Batch(inputs, interactive_tokens > 0, interactive_tokens / tokens if tokens else 0.0)
 
     def _trim(self) -> None:
         for lane in (self._interactive, self._bulk):

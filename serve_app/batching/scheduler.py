@@ -3,9 +3,9 @@
 Every caller's inputs go into one pending pool, in two lanes (``batching.lanes``: which
 work goes next, how a batch is formed, ageing). This loop repeatedly asks the lanes for
 the next step and runs each batch on a single model thread while it keeps accepting work.
-A running bulk batch stops at the next layer boundary when the lanes say interactive work
-that just arrived goes first (**preemption between layers**), and goes on later from where
-it stopped. A full queue refuses new work with a Retry-After drawn from recent throughput.
+A running bulk batch stops at its next step (a layer boundary; on CPU also a piece of a long
+layer) when the lanes say interactive work that just arrived goes first (**preemption**),
+and goes on later from where it stopped. A full queue refuses new work with a Retry-After drawn from recent throughput.
 
 Knows nothing of Ray or HTTP; the encoder replicas wrap it.
 """
@@ -31,7 +31,7 @@ log = logging.getLogger(__name__)
 
 
 class BatchRunner(Protocol):
-    """A forward pass that can stop between layers (``serve_app.core.encoder.BatchRun``)."""
+    """A forward pass that can stop between steps (``serve_app.core.encoder.BatchRun``)."""
 
     def run(self, should_yield: Callable[[], bool] | None = None) -> bool: ...
     def result(self) -> tuple[np.ndarray, BatchStats]: ...
@@ -133,7 +133,7 @@ class TokenBudgetBatcher:
         self.stats = SchedulerStats()
         self._paused_runs: dict[Batch[_Call], _Run] = {}
         self._running: Batch[_Call] | None = None
-        self._preempt = False  # read by the model thread between layers
+        self._preempt = False  # read by the model thread between steps
         self._wakeup = asyncio.Event()  # one per event loop: _ensure_loop makes a new one with the loop task
         self._loop_task: asyncio.Task | None = None
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="model")
@@ -231,7 +231,10 @@ class TokenBudgetBatcher:
         while True:
             run = await self._next_run()
             batch = run.batch
-            self._running, self._preempt = batch, False
+            # Bulk work that went ahead of waiting queries (aged) runs one step, then lets them in:
+            # they are waiting already, so no new arrival would stop it (closed-loop clients send none).
+            self._running = batch
+            self._preempt = self.lanes.interactive_waiting() and self.lanes.preempts(batch)
             try:
                 done = await loop.run_in_executor(self._executor, self._run_on_model_thread, run)
                 if done:

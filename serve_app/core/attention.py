@@ -26,6 +26,7 @@ import torch
 import torch.nn.functional as F
 
 from .packed_attention import PackedSpans, packed_attention
+from .steps import Steps, run_to_end
 
 
 @dataclass(frozen=True)
@@ -54,16 +55,42 @@ def bidirectional_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, l
     ``q`` [tokens, heads, head_dim], ``k`` and ``v`` [tokens, kv_heads, head_dim], tokens
     in ``layout``'s order; returns [tokens, heads * head_dim].
     """
+    return run_to_end(attention_in_steps(q, k, v, layout, pairs_per_step=None))
+
+
+#: Fewest query rows per attention call when a long text is split: torch's CPU flash kernel
+#: works on blocks of 256 query rows from 768 rows on and on smaller, slower blocks below.
+MIN_BLOCK_ROWS = 1024
+
+
+def attention_in_steps(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: Layout, pairs_per_step: int | None
+) -> Steps[torch.Tensor]:
+    """:func:`bidirectional_attention` as a generator that yields between pieces of work.
+
+    On CPU packed rows, a text is split into blocks of query rows (each row's attention over
+    all of its text's keys: the same result) so that a piece scores about ``pairs_per_step``
+    query-key pairs, and the generator yields between such amounts of work: a 32k-token text
+    can then let a waiting query in within a layer. ``None``: whole texts, no yield. Other
+    layouts run in one call.
+    """
     tokens, heads, head_dim = q.shape
     if isinstance(layout, PackedLayout) and isinstance(layout.spans, PackedSpans):  # CUDA: one kernel call
         return packed_attention(q, k, v, layout.spans).view(tokens, heads * head_dim)
     if isinstance(layout, PackedLayout):
         out = q.new_empty((tokens, heads, head_dim))
+        pairs_since_yield = 0
         for a, b in layout.spans:
-            per_text = F.scaled_dot_product_attention(
-                _heads_first(q[a:b]), _heads_first(k[a:b]), _heads_first(v[a:b]), enable_gqa=True
-            )
-            out[a:b] = per_text[0].transpose(0, 1)
+            keys, values = _heads_first(k[a:b]), _heads_first(v[a:b])
+            rows = b - a if pairs_per_step is None else max(MIN_BLOCK_ROWS, pairs_per_step // (b - a))
+            for start in range(a, b, rows):
+                if pairs_per_step is not None and pairs_since_yield >= pairs_per_step:
+                    pairs_since_yield = 0
+                    yield
+                stop = min(b, start + rows)
+                per_text = F.scaled_dot_product_attention(_heads_first(q[start:stop]), keys, values, enable_gqa=True)
+                out[start:stop] = per_text[0].transpose(0, 1)
+                pairs_since_yield += (stop - start) * (b - a)
         return out.view(tokens, heads * head_dim)
     rows, length = layout.rows, layout.length
 

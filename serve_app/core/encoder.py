@@ -26,7 +26,8 @@ from .checkpoint import ModelFiles, read_model_files
 from .device import dtype_name, parse_dtype, resolve_device, to_device
 from .packed_attention import PackedSpans, packed_kernel
 from .pooling import pool
-from .qwen2 import BidirectionalQwen2, LayerState
+from .qwen2 import BidirectionalQwen2
+from .steps import Steps
 from .tokenization import TextTokenizer
 from .vectors import check_dimensions, l2_normalize, truncate_dimensions
 
@@ -59,6 +60,10 @@ class Encoder:
         # extra; on CUDA one variable-length kernel takes the whole row (core.packed_attention).
         self.packed_kernel = packed_kernel(device, dtype) if isinstance(model, BidirectionalQwen2) else None
         self.packed = isinstance(model, BidirectionalQwen2) and (device.type == "cpu" or self.packed_kernel is not None)
+        # A forward pass stops between layers for waiting queries. On CPU a layer of one long text
+        # takes seconds (32k tokens), so there it also stops within layers, after each piece of
+        # about one batch budget's work; on a GPU a layer takes milliseconds.
+        self.step_tokens = self.max_batch_tokens if device.type == "cpu" else None
 
     @classmethod
     def from_pretrained(
@@ -148,11 +153,12 @@ class Encoder:
 
 
 class BatchRun:
-    """One forward pass that can stop between layers and go on later.
+    """One forward pass that can stop between steps and go on later.
 
-    ``run(should_yield)`` advances layer by layer and returns False as soon as
-    ``should_yield()`` is true (the hidden states stay here), True once done. Backbones
-    that cannot be stepped (AutoModel encoders) run in one piece.
+    ``run(should_yield)`` advances step by step (layers, and pieces of long layers on CPU:
+    ``Encoder.step_tokens``) and returns False as soon as ``should_yield()`` is true (the
+    work done so far stays here), True once done. Backbones that cannot be stepped (AutoModel
+    encoders) run in one piece. Stepped or not, the same pieces are computed: the same vectors.
     """
 
     def __init__(self, encoder: Encoder, token_ids: Sequence[Sequence[int]]):
@@ -174,7 +180,7 @@ class BatchRun:
             }
             self.computed_tokens = input_ids.numel()
         self.compute_s = 0.0
-        self._state: LayerState | None = None
+        self._steps: Steps[torch.Tensor] | None = None
         self._vectors: np.ndarray | None = None
 
     @torch.inference_mode()
@@ -182,16 +188,20 @@ class BatchRun:
         started = time.perf_counter()
         try:
             model = self.encoder.model
-            if should_yield is None or not isinstance(model, BidirectionalQwen2):  # others run in one piece
+            if not isinstance(model, BidirectionalQwen2):  # others run in one piece
                 hidden = model(**self.inputs)
             else:
-                if self._state is None:
-                    self._state = model.begin(**self.inputs)
-                while not model.advance(self._state, layers=1):
-                    if should_yield():
+                if self._steps is None:
+                    self._steps = model.forward_steps(**self.inputs, step_tokens=self.encoder.step_tokens)
+                while True:
+                    try:
+                        next(self._steps)
+                    except StopIteration as done:
+                        hidden = done.value
+                        break
+                    if should_yield is not None and should_yield():
                         return False
-                hidden = model.end(self._state)
-                self._state = None
+                self._steps = None
             if "spans" in self.inputs:
                 hidden, attention_mask = unpack_hidden(hidden, self.inputs["spans"])
             else:

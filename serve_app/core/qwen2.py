@@ -16,12 +16,16 @@ math with less around the GEMMs:
 
 Hidden states are kept 2-D, [tokens, hidden], in the batch's layout (packed or padded);
 positions restart at 0 for every text, so a text's vector does not depend on its batch.
-It runs layer by layer (``begin`` / ``advance`` / ``end``) so a forward pass can stop
-between layers: the scheduler lets interactive work overtake a long bulk batch.
+The forward pass is a generator (:meth:`BidirectionalQwen2.forward_steps`) that yields
+between layers and, given a step size, within them (token-wise products in pieces of
+``step_tokens`` rows, attention of a long text in blocks of query rows of about as much
+work), so that the scheduler can let interactive work overtake a long bulk batch, even a
+single 32k-token text, and resume it.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -29,13 +33,14 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..errors import ModelLoadError
-from .attention import Layout, PackedLayout, PaddedLayout, bidirectional_attention
+from .attention import Layout, PackedLayout, PaddedLayout, attention_in_steps
 from .linear import Projection
+from .steps import Steps, run_to_end
 
 
 @dataclass
 class Qwen2Layer:
-    """One decoder layer's weights, laid out for :meth:`BidirectionalQwen2.run_layer`."""
+    """One decoder layer's weights, laid out for :meth:`BidirectionalQwen2.layer_steps`."""
 
     input_norm: torch.Tensor
     qkv: Projection  # q and k rows in rotary-pair order (see RotaryPhases)
@@ -82,17 +87,6 @@ def apply_rotary(x: torch.Tensor, phases: torch.Tensor, head_dim: int) -> torch.
     return torch.view_as_real(pairs * phases).to(x.dtype).view(tokens, -1, head_dim)
 
 
-@dataclass
-class LayerState:
-    """A forward pass between two layers: what the next layer needs."""
-
-    hidden: torch.Tensor  # [tokens, hidden size]
-    layout: Layout
-    phases: torch.Tensor
-    shape: tuple[int, int]  # (rows, length) of the output
-    next_layer: int = 0
-
-
 class BidirectionalQwen2(nn.Module):
     """Qwen2 with full (non-causal) attention within each text, run layer by layer."""
 
@@ -117,6 +111,11 @@ class BidirectionalQwen2(nn.Module):
         self.rotary = RotaryPhases(self.head_dim, rope["rope_theta"], self.embed_tokens.device)
         q_order = rotary_pair_order(self.heads, self.head_dim)
         k_order = rotary_pair_order(self.kv_heads, self.head_dim)
+        # Work per layer, to size pieces of a long text alike: a token's products, and a query-key pair's
+        # scores and weighted values (multiply-adds count two).
+        hidden, q_size, kv_size = config.hidden_size, self.heads * self.head_dim, self.kv_heads * self.head_dim
+        self.flops_per_token = 2 * (hidden * (2 * q_size + 2 * kv_size) + 3 * hidden * config.intermediate_size)
+        self.flops_per_pair = 4 * self.heads * self.head_dim
         self.layers = []
         with torch.no_grad():
             for layer in qwen2.layers:
@@ -135,24 +134,41 @@ class BidirectionalQwen2(nn.Module):
                     )
                 )
 
-    def run_layer(self, layer: Qwen2Layer, x: torch.Tensor, layout: Layout, phases: torch.Tensor) -> torch.Tensor:
+    def layer_steps(
+        self, layer: Qwen2Layer, x: torch.Tensor, layout: Layout, phases: torch.Tensor, step_tokens: int | None
+    ) -> Steps[torch.Tensor]:
+        """One layer over ``x`` [tokens, hidden]; yields between pieces when ``step_tokens`` is set."""
         q_size, kv_size = self.heads * self.head_dim, self.kv_heads * self.head_dim
-        h = F.rms_norm(x, x.shape[-1:], layer.input_norm, self.eps)
-        qkv = layer.qkv(h)
+        pieces = token_pieces(x.shape[0], step_tokens)
+        qkv = yield from rowwise(lambda x: layer.qkv(self.norm(x, layer.input_norm)), pieces, x)
         q = apply_rotary(qkv[:, :q_size], phases, self.head_dim)
         k = apply_rotary(qkv[:, q_size : q_size + kv_size], phases, self.head_dim)
         v = qkv[:, q_size + kv_size :].view(-1, self.kv_heads, self.head_dim)
-        x = layer.o.plus(bidirectional_attention(q, k, v, layout), x)
-        h = F.rms_norm(x, x.shape[-1:], layer.post_norm, self.eps)
-        return layer.down.plus(layer.up.times(h, layer.gate.silu(h)), x)
+        pairs = None if step_tokens is None else step_tokens * self.flops_per_token // self.flops_per_pair
+        attended = yield from attention_in_steps(q, k, v, layout, pairs_per_step=pairs)
 
-    def begin(
+        def rest(attended: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+            x = layer.o.plus(attended, x)
+            h = self.norm(x, layer.post_norm)
+            return layer.down.plus(layer.up.times(h, layer.gate.silu(h)), x)
+
+        return (yield from rowwise(rest, pieces, attended, x))
+
+    def norm(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        return F.rms_norm(x, x.shape[-1:], weight, self.eps)
+
+    def forward_steps(
         self,
         input_ids: torch.Tensor,
         attention_mask: torch.Tensor | None = None,
         spans: list[tuple[int, int]] | None = None,
-    ) -> LayerState:
-        """Padded batch (``attention_mask`` [rows, len]) or one packed row (``spans``)."""
+        step_tokens: int | None = None,
+    ) -> Steps[torch.Tensor]:
+        """The forward pass, yielding between layers and, with ``step_tokens``, between pieces
+        of about that many tokens' work; returns the last hidden states [rows, length, hidden].
+
+        A padded batch (``attention_mask`` [rows, len]) or one packed row (``spans``).
+        """
         rows, length = input_ids.shape
         hidden = F.embedding(input_ids.reshape(-1), self.embed_tokens)
         layout: Layout
@@ -165,20 +181,12 @@ class BidirectionalQwen2(nn.Module):
             layout = PaddedLayout(rows, length, key_mask)
             # Right padding: every text's positions start at 0, whatever batch it is in.
             positions = torch.arange(length).repeat(rows)
-        return LayerState(hidden, layout, self.rotary(positions), (rows, length))
-
-    def advance(self, state: LayerState, layers: int | None = None) -> bool:
-        """Run up to ``layers`` more layers (all by default); True once the last has run."""
-        stop = self.num_layers if layers is None else min(self.num_layers, state.next_layer + layers)
-        for layer in self.layers[state.next_layer : stop]:
-            state.hidden = self.run_layer(layer, state.hidden, state.layout, state.phases)
-        state.next_layer = stop
-        return stop == self.num_layers
-
-    def end(self, state: LayerState) -> torch.Tensor:
-        """The last hidden states, [rows, length, hidden size]."""
-        hidden = F.rms_norm(state.hidden, state.hidden.shape[-1:], self.final_norm, self.eps)
-        return hidden.view(*state.shape, -1)
+        phases = self.rotary(positions)
+        for index, layer in enumerate(self.layers):
+            if index:
+                yield
+            hidden = yield from self.layer_steps(layer, hidden, layout, phases, step_tokens)
+        return self.norm(hidden, self.final_norm).view(rows, length, -1)
 
     def forward(
         self,
@@ -186,6 +194,26 @@ class BidirectionalQwen2(nn.Module):
         attention_mask: torch.Tensor | None = None,
         spans: list[tuple[int, int]] | None = None,
     ) -> torch.Tensor:
-        state = self.begin(input_ids, attention_mask, spans)
-        self.advance(state)
-        return self.end(state)
+        return run_to_end(self.forward_steps(input_ids, attention_mask, spans))
+
+
+def token_pieces(tokens: int, step_tokens: int | None) -> list[tuple[int, int]]:
+    """``[a, b)`` row ranges of at most ``step_tokens`` rows covering ``tokens`` rows (one: all)."""
+    step = tokens if step_tokens is None else step_tokens
+    return [(a, min(tokens, a + step)) for a in range(0, tokens, max(1, step))]
+
+
+def rowwise(
+    fn: Callable[..., torch.Tensor], pieces: list[tuple[int, int]], *inputs: torch.Tensor
+) -> Steps[torch.Tensor]:
+    """``fn`` of row-wise ``inputs`` (each output row depends on the same input rows only),
+    computed piece by piece with a yield between pieces; one piece: a plain call."""
+    first = fn(*(t[: pieces[0][1]] for t in inputs))
+    if len(pieces) == 1:
+        return first
+    out = first.new_empty((pieces[-1][1], *first.shape[1:]))
+    out[: pieces[0][1]] = first
+    for a, b in pieces[1:]:
+        yield
+        out[a:b] = fn(*(t[a:b] for t in inputs))
+    return out

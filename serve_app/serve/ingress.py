@@ -383,22 +383,29 @@ class EmbeddingsService:
         client's and does not count."""
         limit = self.config.max_body_bytes
         body = bytearray()  # not copied to bytes later: orjson reads a bytearray, and a 32 MiB copy is 32 MiB more
-        deadline = time.monotonic() + self.config.body_read_timeout_s
         chunks = request.stream()
-        try:
-            while True:
-                try:
-                    chunk = await asyncio.wait_for(anext(chunks), max(0.0, deadline - time.monotonic()))
-                except StopAsyncIteration:
-                    return body
-                body += chunk
+
+        async def read(up_to: int | None) -> bool:
+            """Append chunks until the body ends (True) or passes ``up_to`` bytes (False)."""
+            async for chunk in chunks:
+                body.extend(chunk)
                 if len(body) > limit:
                     raise PayloadTooLargeError(f"request body is larger than the limit of {limit} bytes")
-                if turn is not None and len(body) > LARGE_BODY_BYTES:
-                    waiting_since = time.monotonic()
-                    await turn.enter_async_context(self.large_requests)
-                    deadline += time.monotonic() - waiting_since
-                    turn = None
+                if up_to is not None and len(body) > up_to:
+                    return False
+            return True
+
+        # One deadline per phase (a task each), not one per chunk: before the turn, and after it.
+        time_left = self.config.body_read_timeout_s
+        try:
+            started = time.monotonic()
+            if await asyncio.wait_for(read(None if turn is None else LARGE_BODY_BYTES), time_left):
+                return body
+            time_left -= time.monotonic() - started
+            assert turn is not None, "read stops early only to take the turn"
+            await turn.enter_async_context(self.large_requests)
+            await asyncio.wait_for(read(None), time_left)
+            return body
         except asyncio.TimeoutError:
             raise BodyReadTimeoutError(
                 f"request body not received within {self.config.body_read_timeout_s:g}s"
