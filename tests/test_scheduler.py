@@ -23,9 +23,16 @@ class FakeModel:
     ``model.start_batch`` is what the batcher is given, like ``Encoder.start_batch``.
     """
 
-    def __init__(self, seconds_per_token: float = 0.0, fail_on: int | None = None, layers: int = 4):
+    def __init__(
+        self,
+        seconds_per_token: float = 0.0,
+        fail_on: int | None = None,
+        layers: int = 4,
+        reported_seconds_per_token: float = 0.0,
+    ):
         self.batches: list[list[list[int]]] = []
         self.seconds_per_token = seconds_per_token
+        self.reported_seconds_per_token = reported_seconds_per_token  # the compute time its batches report
         self.fail_on = fail_on
         self.layers = layers
         self.lock = threading.Lock()
@@ -57,7 +64,8 @@ class FakeRun:
         for i, ids in enumerate(self.token_ids):
             out[i, :2] = len(ids), ids[0]
         padded = max(map(len, self.token_ids)) * len(self.token_ids)
-        return out, BatchStats(len(self.token_ids), sum(map(len, self.token_ids)), padded, 0.0)
+        seconds = self.model.reported_seconds_per_token * padded
+        return out, BatchStats(len(self.token_ids), sum(map(len, self.token_ids)), padded, seconds)
 
 
 def inputs(*lengths, first=1):
@@ -250,10 +258,15 @@ def test_long_bulk_batch_pauses_between_layers_for_a_query_and_then_resumes():
     assert [len(b) for b in model.batches] == [2, 1]
 
 
-def test_bulk_work_that_went_ahead_of_waiting_queries_lets_them_in_after_one_step():
-    """Ageing puts a paused bulk batch ahead of queries that are already waiting; it must not then
-    run to its end (closed-loop clients, all waiting, send nothing new that would stop it)."""
-    model = FakeModel(seconds_per_token=0.002, layers=8)  # the bulk batch: 256 tokens ≈ 0.5 s
+@pytest.mark.parametrize(
+    "full_batch", ["short", "longer than the bulk batch"], ids=["lets-them-in", "runs-a-full-batch-first"]
+)
+def test_bulk_work_that_went_ahead_of_waiting_queries_runs_a_full_batchs_time_then_lets_them_in(full_batch):
+    """Ageing puts a paused bulk batch ahead of queries that are already waiting: it runs for about
+    a full batch's time (at the recent throughput), then stops at its next step, though nothing new
+    arrives (closed-loop clients, all waiting, send nothing): one long text never holds them long."""
+    reported = 0.0 if full_batch == "short" else 1.0  # 1 s a token: a full batch (256 tokens) takes minutes
+    model = FakeModel(seconds_per_token=0.002, layers=8, reported_seconds_per_token=reported)
     batcher = TokenBudgetBatcher(
         model.start_batch, 4, max_batch_tokens=256, interactive_batch_tokens=8, max_batch_wait_s=0
     )
@@ -274,8 +287,12 @@ def test_bulk_work_that_went_ahead_of_waiting_queries_lets_them_in_after_one_ste
         await bulk
 
     run(main())
-    assert finished["q2"] < finished["bulk"]  # it went on for a step, then let the third query in
-    assert batcher.stats.preemptions == 2
+    if full_batch == "short":
+        assert finished["q2"] < finished["bulk"]  # it went on for a step, then let the third query in
+        assert batcher.stats.preemptions == 2
+    else:
+        assert finished["bulk"] < finished["q2"]  # what was left of it is less than a full batch
+        assert batcher.stats.preemptions == 1
 
 
 def test_stepped_forward_pass_equals_one_piece(tiny_encoder):

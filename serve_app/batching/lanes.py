@@ -30,9 +30,9 @@ argument, so a fake clock drives it. The rules:
 * **Ageing.** The oldest pending bulk input, or the oldest paused batch, goes next once
   ``MAX_PASSED_OVER`` batches have started ahead of it (queries still ride in a new
   batch): under a steady stream of queries, a bulk input too long for a query's batch would
-  otherwise wait for a gap that never comes. A paused batch that goes on runs at least one
-  step before a query may stop it again: the one 32k-token text never holds queries back
-  for more than a step, and always moves on.
+  otherwise wait for a gap that never comes. Bulk work that goes on ahead of waiting
+  queries may be stopped again (the loop lets it run about a full batch's time first): one
+  32k-token text never holds queries back for long, and always moves on.
 """
 
 from __future__ import annotations

@@ -134,6 +134,7 @@ class TokenBudgetBatcher:
         self._paused_runs: dict[Batch[_Call], _Run] = {}
         self._running: Batch[_Call] | None = None
         self._preempt = False  # read by the model thread between steps
+        self._stoppable_from = 0.0  # monotonic time before which the running batch is not stopped
         self._wakeup = asyncio.Event()  # one per event loop: _ensure_loop makes a new one with the loop task
         self._loop_task: asyncio.Task | None = None
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="model")
@@ -231,10 +232,13 @@ class TokenBudgetBatcher:
         while True:
             run = await self._next_run()
             batch = run.batch
-            # Bulk work that went ahead of waiting queries (aged) runs one step, then lets them in:
-            # they are waiting already, so no new arrival would stop it (closed-loop clients send none).
+            # Bulk work that went ahead of waiting queries (aged) runs for about a full batch's time,
+            # then lets them in at its next step: they are waiting already, so no new arrival would
+            # stop it (closed-loop clients send none), and one long text would hold them to its end.
             self._running = batch
-            self._preempt = self.lanes.interactive_waiting() and self.lanes.preempts(batch)
+            went_ahead = self.lanes.interactive_waiting() and self.lanes.preempts(batch)
+            self._preempt = went_ahead
+            self._stoppable_from = time.monotonic() + self._full_batch_s() if went_ahead else 0.0
             try:
                 done = await loop.run_in_executor(self._executor, self._run_on_model_thread, run)
                 if done:
@@ -302,7 +306,13 @@ class TokenBudgetBatcher:
             run.last_run_s = time.perf_counter() - started
 
     def _should_yield(self) -> bool:
-        return self._preempt
+        return self._preempt and time.monotonic() >= self._stoppable_from
+
+    def _full_batch_s(self) -> float:
+        """A full batch's time (``max_batch_tokens``) at the recent throughput; 0 before any batch ran."""
+        if not self._recent_busy_s.value or not self._recent_tokens.value:
+            return 0.0
+        return self.lanes.max_batch_tokens / (self._recent_tokens.value / self._recent_busy_s.value)
 
     def _record(self, stats: BatchStats) -> None:
         s = self.stats
