@@ -79,6 +79,13 @@ def run(coro):
     return asyncio.run(coro)
 
 
+async def timed(finished: dict[str, float], name: str, coro):
+    """``await coro``, noting in ``finished[name]`` when it returned."""
+    result = await coro
+    finished[name] = time.monotonic()
+    return result
+
+
 def test_concurrent_callers_share_batches_and_get_their_own_rows():
     model = FakeModel()
     batcher = TokenBudgetBatcher(model.start_batch, 4, max_batch_tokens=64, max_batch_wait_s=0.05)
@@ -237,16 +244,11 @@ def test_long_bulk_batch_pauses_between_layers_for_a_query_and_then_resumes():
     batcher = TokenBudgetBatcher(model.start_batch, 4, max_batch_tokens=256, max_batch_wait_s=0)
     finished: dict[str, float] = {}
 
-    async def timed(name, coro):
-        result = await coro
-        finished[name] = time.monotonic()
-        return result
-
     async def main():
         started = time.monotonic()
-        bulk = asyncio.create_task(timed("bulk", batcher.embed(inputs(128, 128, first=1), "bulk")))
+        bulk = asyncio.create_task(timed(finished, "bulk", batcher.embed(inputs(128, 128, first=1), "bulk")))
         await asyncio.sleep(0.1)  # the bulk batch is a few layers in
-        query = await timed("query", batcher.embed(inputs(5, first=900), "interactive"))
+        query = await timed(finished, "query", batcher.embed(inputs(5, first=900), "interactive"))
         bulk_result = await bulk
         return started, query, bulk_result
 
@@ -272,17 +274,12 @@ def test_bulk_work_that_went_ahead_of_waiting_queries_runs_a_full_batchs_time_th
     )
     finished: dict[str, float] = {}
 
-    async def timed(name, coro):
-        result = await coro
-        finished[name] = time.monotonic()
-        return result
-
     async def main():
-        bulk = asyncio.create_task(timed("bulk", batcher.embed(inputs(128, 128, first=1), "bulk")))
+        bulk = asyncio.create_task(timed(finished, "bulk", batcher.embed(inputs(128, 128, first=1), "bulk")))
         await asyncio.sleep(0.1)  # the bulk batch is a few layers in
         # three queries at once, one per batch (budget 8): after two, the paused bulk batch has aged
         await asyncio.gather(
-            *(timed(f"q{k}", batcher.embed(inputs(5, first=900 + k), "interactive")) for k in range(3))
+            *(timed(finished, f"q{k}", batcher.embed(inputs(5, first=900 + k), "interactive")) for k in range(3))
         )
         await bulk
 
