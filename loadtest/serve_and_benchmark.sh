@@ -9,7 +9,10 @@ port=${PORT:-8000}; metrics_port=${METRICS_PORT:-8080}
 tmp=$(mktemp -d /tmp/rbXXXX)
 export RAY_AUTH_MODE=token RAY_AUTH_TOKEN=${RAY_AUTH_TOKEN:-$(python -c "import secrets; print(secrets.token_hex(16))")}
 cleanup() {
-  serve shutdown -y >/dev/null 2>&1 || true
+  # only the cluster started here: without its address `serve shutdown` would find any other local one
+  if [ -f "$tmp/ray_current_cluster" ]; then
+    RAY_ADDRESS=$(cat "$tmp/ray_current_cluster") serve shutdown -y >/dev/null 2>&1 || true
+  fi
   pkill -f "$tmp" || true; sleep 2; pkill -9 -f "$tmp" || true
   rm -rf "$tmp"
 }

@@ -27,7 +27,7 @@ from .device import dtype_name, parse_dtype, resolve_device, to_device
 from .packed_attention import PackedSpans, packed_kernel
 from .pooling import pool
 from .qwen2 import BidirectionalQwen2
-from .steps import Steps
+from .steps import Steps, run_steps
 from .tokenization import TextTokenizer
 from .vectors import check_dimensions, l2_normalize, truncate_dimensions
 
@@ -193,14 +193,9 @@ class BatchRun:
             else:
                 if self._steps is None:
                     self._steps = model.forward_steps(**self.inputs, step_tokens=self.encoder.step_tokens)
-                while True:
-                    try:
-                        next(self._steps)
-                    except StopIteration as done:
-                        hidden = done.value
-                        break
-                    if should_yield is not None and should_yield():
-                        return False
+                done, hidden = run_steps(self._steps, should_yield)
+                if not done:
+                    return False
                 self._steps = None
             if "spans" in self.inputs:
                 hidden, attention_mask = unpack_hidden(hidden, self.inputs["spans"])
