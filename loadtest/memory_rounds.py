@@ -10,7 +10,9 @@ declared Content-Length (httpx); ``chunked`` runs curl exactly as a user would s
 each ingress replica and of Serve's proxy (the processes whose TMPDIR or RAY_TMPDIR is ``--ray-tmpdir``), the
 big requests' seconds (and the medians of the service's own split: tokenisation, queue, inference) and
 the small queries' p50/p95 (and the p95 of their time inside the ingress); at the end the RSS after
-``--idle-s`` idle.
+``--idle-s`` idle. RSS is split into the process's own memory and the pages of Ray's shared object
+store it has touched (Linux, ``/proc/PID/status``): bodies pass from the proxy to the ingress
+through that store, so both processes count its pages, which exist once for the machine.
 A benchmark: it prints numbers and asserts nothing.
 """
 
@@ -51,8 +53,21 @@ def service_processes(ray_tmpdir: str) -> dict[str, psutil.Process]:
     return dict(sorted(found.items()))
 
 
-def rss_mb(procs: dict[str, psutil.Process]) -> dict[str, float]:
-    return {name: round(p.memory_info().rss / MIB, 1) for name, p in procs.items()}
+def memory_mb(procs: dict[str, psutil.Process]) -> dict[str, dict[str, float]]:
+    """Each process's RSS in MB, split as Linux counts it: ``own`` (anonymous pages: its heap and
+    buffers), ``store`` (pages of Ray's shared-memory object store it has touched: the same
+    physical pages in every process that maps them, bounded by the store's size) and ``files``."""
+    out = {}
+    for name, p in procs.items():
+        fields = dict(line.split(":", 1) for line in open(f"/proc/{p.pid}/status").read().splitlines())
+        kb = {key: int(fields[key].split()[0]) for key in ("VmRSS", "RssAnon", "RssShmem", "RssFile")}
+        out[name] = {
+            "rss": round(kb["VmRSS"] / 1024, 1),
+            "own": round(kb["RssAnon"] / 1024, 1),
+            "store": round(kb["RssShmem"] / 1024, 1),
+            "files": round(kb["RssFile"] / 1024, 1),
+        }
+    return out
 
 
 #: The service's timing headers of a big request (ms): where its seconds went.
@@ -101,7 +116,7 @@ def main() -> None:
     del text
     try:
         procs = service_processes(args.ray_tmpdir)
-        print(json.dumps({"start_rss_mb": rss_mb(procs), "upload": args.upload}))
+        print(json.dumps({"start_mb": memory_mb(procs), "upload": args.upload}))
         for round_ in range(1, args.rounds + 1):
             stop, latencies, server_s = threading.Event(), list[float](), list[float]()
             queriers = [
@@ -125,16 +140,17 @@ def main() -> None:
                     f"big_{part}_s_median": round(statistics.median(split.get(part, 0.0) for _, _, split in big), 2)
                     for part in ("tokenization", "queue", "inference")
                 },
+                "big_tokenization_s_max": round(max(split.get("tokenization", 0.0) for _, _, split in big), 2),
                 "small_n": len(latencies),
                 "small_p50_s": round(percentile(latencies, 50), 3),
                 "small_p95_s": round(percentile(latencies, 95), 3),
                 # the same queries' time inside the ingress: the rest is the proxy, the network and the client
                 "small_ingress_p95_s": round(percentile(server_s, 95), 3),
-                "rss_mb": rss_mb(procs),
+                "mb": memory_mb(procs),
             }
             print(json.dumps(line), flush=True)
         time.sleep(args.idle_s)
-        print(json.dumps({f"rss_mb_after_{args.idle_s:g}s_idle": rss_mb(procs)}))
+        print(json.dumps({f"mb_after_{args.idle_s:g}s_idle": memory_mb(procs)}))
     finally:
         os.unlink(path)
 

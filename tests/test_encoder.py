@@ -14,6 +14,7 @@ from safetensors.torch import load_file, save_file
 from serve_app import Encoder
 from serve_app.core.checkpoint import KALM_QUERY_INSTRUCTION
 from serve_app.core.device import parse_dtype
+from serve_app.core.tokenization import TextTokenizer
 from serve_app.core.vectors import truncate_dimensions
 from serve_app.errors import InputTooLongError, InvalidRequestError, MissingWeightsError, ModelLoadError
 from serve_app.testing.reference import ReferenceQwen2, reference_token_ids
@@ -189,6 +190,21 @@ def test_over_long_input_fails_unless_truncated(tiny_model_dir, reference):
     assert tokens.ids[-1] == 151643  # the post-processor's EOS survives the cut
     got = enc.encode([long_text], truncate=True)[0]
     assert cosine(got, reference.embed(tokens.ids).numpy()) >= 0.99999
+
+
+def test_a_long_text_is_cut_from_a_prefix_to_the_ids_of_the_whole_text_cut(tiny_model_dir, monkeypatch):
+    tokenizer = TextTokenizer.from_dir(tiny_model_dir, max_input_tokens=512)
+    whole = tokenizer.tokenizer.encode
+    dense, sparse = "lorem ipsum dolor sit amet " * 80, ("x" + " " * 120) * 200  # ~5 and ~40 characters a token
+    text = dense + sparse + dense * 3  # the first prefix's rate overestimates what follows: prefixes grow again
+    seen: list[int] = []
+    monkeypatch.setattr(tokenizer.tokenizer, "encode", lambda s, *a, **k: seen.append(len(s)) or whole(s, *a, **k))
+    got = tokenizer.encode_within_limits([text], truncate=True)[0]
+    expected = whole(text, add_special_tokens=False)
+    expected.truncate(511)
+    assert got.truncated and got.ids == tokenizer.tokenizer.post_process(expected).ids
+    # growing prefixes, each tokenised once, none near the whole text
+    assert len(seen) >= 3 and seen == sorted(set(seen)) and seen[-1] < len(text) / 4
 
 
 # --- loading ------------------------------------------------------------------------------

@@ -10,10 +10,12 @@ import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import numpy as np
+import psutil
 import pytest
 
 # The traffic and its checks are plain Python: no locust here, so no gevent patching of this process.
 from loadtest.answers import check_answer
+from loadtest.memory_rounds import memory_mb
 from loadtest.request_mix import PlannedRequest, RequestFactory
 from loadtest.settings import Settings, parse_mix, parse_range
 from loadtest.texts import Corpus
@@ -264,3 +266,9 @@ def test_step_mode_counts_requests_still_in_flight(tmp_path):
     [step] = summary["steps"]
     assert step["ok"] == 0 and step["late"] == 1 and step["p95_ms"] > 1500 and not step["within_slo"], output
     assert summary["best"] is None and "NO STEP MET THE SLO" in output
+
+
+def test_memory_rounds_splits_a_processs_rss_into_its_own_pages_the_object_stores_and_files():
+    mb = memory_mb({"me": psutil.Process()})["me"]
+    assert mb["own"] > 0 and mb["files"] > 0 and mb["store"] >= 0
+    assert abs(mb["rss"] - (mb["own"] + mb["store"] + mb["files"])) <= 0.5  # the three parts are the whole

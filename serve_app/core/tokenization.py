@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal, cast, overload
 
-from tokenizers import Tokenizer
+from tokenizers import Encoding, Tokenizer
 
 from ..errors import InputTooLongError, InvalidRequestError, TokenIdOutOfRangeError
 from .checkpoint import ModelFiles, instruction_prompt
@@ -221,21 +221,26 @@ class TextTokenizer:
     def _encode_long(
         self, index: int, text: str, prompt: str, truncate: bool, first_prefix: int
     ) -> TokenizedInput | InputTooLongError:
-        """One long text: prefixes of growing length until one has more tokens than the limit."""
-        limit = self.max_input_tokens
+        """One long text: prefixes of growing length until one has more tokens than the limit. Each
+        next length comes from the characters per token seen so far (with a quarter to spare), so the
+        last prefix is little longer than needed; with ``truncate`` its encoding is the one cut."""
+        over_limit = self.max_input_tokens + CUT_MARGIN_TOKENS
+        n_special = self.tokenizer.num_special_tokens_to_add(False)
         prefix_chars = first_prefix
         while prefix_chars < len(text):
             window = text.rfind(" ", prefix_chars - CUT_SEARCH_CHARS, prefix_chars)
             prefix = text[: window if window > 0 else prefix_chars]
-            if len(self.tokenizer.encode(prompt + prefix).ids) > limit + CUT_MARGIN_TOKENS:
+            encoding = self.tokenizer.encode(prompt + prefix, add_special_tokens=False)
+            n_tokens = len(encoding.ids) + n_special
+            if n_tokens > over_limit:
                 if not truncate:
                     return InputTooLongError(
                         index,
-                        f"more than {limit + CUT_MARGIN_TOKENS} tokens (counted in its first {len(prefix)} characters)",
-                        limit,
+                        f"more than {over_limit} tokens (counted in its first {len(prefix)} characters)",
+                        self.max_input_tokens,
                     )
-                return self._encode([prefix], prompt, True, [index])[0]
-            prefix_chars *= 4
+                return self._cut(encoding)
+            prefix_chars = int(prefix_chars * min(4.0, max(1.25, 1.25 * over_limit / max(n_tokens, 1))))
         return self._encode([text], prompt, truncate, [index])[0]
 
     def _encode(
@@ -263,7 +268,10 @@ class TextTokenizer:
         """``text`` cut as the tokenizer's own truncation does, so special tokens its post-processor adds
         are kept: content tokens to the limit minus those, then the post-processor (a copy of the
         tokenizer with truncation enabled would cost seconds per request)."""
-        encoding = self.tokenizer.encode(text, add_special_tokens=False)
+        return self._cut(self.tokenizer.encode(text, add_special_tokens=False))
+
+    def _cut(self, encoding: Encoding) -> TokenizedInput:
+        """An encoding without special tokens cut to the limit less those, then post-processed."""
         encoding.truncate(self.max_input_tokens - self.tokenizer.num_special_tokens_to_add(False))
         return TokenizedInput(self.tokenizer.post_process(encoding).ids, truncated=True)
 
