@@ -268,12 +268,15 @@ def corpus(sizes: Sizes, model_dir: Path, tokenizer, encoder, workdir: Path) -> 
         cmd = [sys.executable, "-m", "serve_app.corpus", "--input", str(source), "--output", str(dest)]
         cmd += ["--model", str(model_dir), "--gpus-per-actor", str(gpus)]
         # its own local Ray: token auth, as Ray 2.60 wants for local clusters, and a private temp dir
-        # (a Ray already on the machine under /tmp/ray is not joined)
-        ray_tmp = workdir / f"r{gpus:g}"
-        ray_tmp.mkdir()
+        # (a Ray already on the machine under /tmp/ray is not joined), short whatever TMPDIR is: Ray's
+        # socket paths under it must fit AF_UNIX's 107 bytes
+        ray_tmp = tempfile.mkdtemp(prefix="gsc", dir="/tmp")
         env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
-        env.update(RAY_AUTH_MODE="token", RAY_AUTH_TOKEN=secrets.token_hex(16), RAY_TMPDIR=str(ray_tmp))
-        run = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, env=env, timeout=600)
+        env.update(RAY_AUTH_MODE="token", RAY_AUTH_TOKEN=secrets.token_hex(16), RAY_TMPDIR=ray_tmp)
+        try:
+            run = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, env=env, timeout=600)
+        finally:
+            shutil.rmtree(ray_tmp, ignore_errors=True)
         summary_path = dest / "_summary.json"
         if run.returncode != 0 or not summary_path.exists():
             raise RuntimeError(f"corpus job with {gpus:g} GPUs per actor failed:\n{run.stderr[-3000:]}")
