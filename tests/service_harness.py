@@ -246,6 +246,7 @@ class ServeProcess:
 def serve_on_cluster(cluster_address: str, model_dir: Path, deployment_overrides: dict, **config_overrides):
     """``serve run`` of cluster/config.yaml onto a running cluster that this process is a driver of
     (``ray.init(address=...)``), so that :func:`serve_details` and handles see this run's Serve."""
+    from ray import serve
     from ray.serve import context
 
     context._set_global_client(None)  # each `serve run` brings (and takes down) its own Serve instance
@@ -257,7 +258,24 @@ def serve_on_cluster(cluster_address: str, model_dir: Path, deployment_overrides
         deployment_overrides=deployment_overrides,
     ) as svc:
         yield svc
+    # serve run's Ctrl-C shuts its Serve down; where it did not, the next run on this cluster would
+    # deploy into the old instance, which keeps its own HTTP port (the new run's never answers)
+    if serve_controller_alive():
+        serve.shutdown()
+        wait_for(lambda: not serve_controller_alive(), 60, what="Serve's controller to stop")
     context._set_global_client(None)
+
+
+def serve_controller_alive() -> bool:
+    """Whether a Serve instance runs on the cluster this process is a driver of."""
+    import ray
+    from ray.serve._private.constants import SERVE_CONTROLLER_NAME, SERVE_NAMESPACE
+
+    try:
+        ray.get_actor(SERVE_CONTROLLER_NAME, namespace=SERVE_NAMESPACE)
+    except ValueError:
+        return False
+    return True
 
 
 def kill_processes_mentioning(marker: str, timeout_s: float = 30) -> None:
