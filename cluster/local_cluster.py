@@ -48,7 +48,7 @@ GCS_SIGNAL = signal.SIGRTMIN
 
 
 def start(args: argparse.Namespace) -> int:
-    if STATE.exists() and _alive(json.loads(STATE.read_text())["pid"]):
+    if STATE.exists() and _alive(_read_state()["pid"]):
         print(f"a local cluster is already running (see {STATE}); stop it first", file=sys.stderr)
         return 1
     # Everything the nodes need must be in this environment before they start: they inherit it.
@@ -106,7 +106,7 @@ def start(args: argparse.Namespace) -> int:
         install_handlers()
         address = cluster.address
         state = {"pid": os.getpid(), "address": address, "temp_dir": temp_dir, "redis": redis is not None, "gcs": "up"}
-        STATE.write_text(json.dumps(state))
+        _write_state(state)
         model = os.environ.get("KALM_MODEL")
         print(
             f"""
@@ -148,7 +148,7 @@ READY {address}""",
                     else:
                         cluster.head_node.start_gcs_server()
                         state["gcs"] = "up"
-                    STATE.write_text(json.dumps(state))
+                    _write_state(state)
                     print(f"GCS {state['gcs']}", flush=True)
                 else:
                     node = cluster.add_node(**worker_args, metrics_export_port=free_port())
@@ -166,6 +166,18 @@ READY {address}""",
     return 0
 
 
+def _write_state(state: dict) -> None:
+    # Whole or not at all: the other commands poll this file while the cluster rewrites it (a plain
+    # write_text truncates first, and a reader in between saw an empty file).
+    partial = STATE.with_name(STATE.name + ".partial")
+    partial.write_text(json.dumps(state))
+    os.replace(partial, STATE)
+
+
+def _read_state() -> dict:
+    return json.loads(STATE.read_text())
+
+
 def _alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)
@@ -180,7 +192,7 @@ def _alive(pid: int) -> bool:
 
 def toggle_gcs(want: str) -> int:
     """kill-gcs (want "down") and start-gcs (want "up"): only with --redis, only from the other state."""
-    state = json.loads(STATE.read_text()) if STATE.exists() else {}
+    state = _read_state() if STATE.exists() else {}
     if not state.get("redis"):
         print(
             "no local cluster with --redis is running: without Redis a restarted GCS loses the cluster", file=sys.stderr
@@ -191,7 +203,7 @@ def toggle_gcs(want: str) -> int:
         return 1
     code = signal_running(GCS_SIGNAL)
     deadline = time.monotonic() + 30
-    while code == 0 and json.loads(STATE.read_text()).get("gcs") != want:
+    while code == 0 and _read_state().get("gcs") != want:
         if time.monotonic() > deadline:
             print(f"the GCS is not {want} after 30 s", file=sys.stderr)
             return 1
@@ -204,7 +216,7 @@ def signal_running(sig: int, wait_s: float | None = None) -> int:
     if not STATE.exists():
         print("no local cluster is running", file=sys.stderr)
         return 1
-    pid = json.loads(STATE.read_text())["pid"]
+    pid = _read_state()["pid"]
     if not _alive(pid):
         STATE.unlink(missing_ok=True)
         print("no local cluster is running (stale state file removed)", file=sys.stderr)

@@ -117,6 +117,34 @@ def test_aws_launcher_config_passes_rays_own_validation():
 # --- cluster/local_cluster.py ---------------------------------------------------------------
 
 
+def test_local_cluster_state_file_is_never_seen_half_written(tmp_path, monkeypatch):
+    """The commands poll the state file while the cluster rewrites it (kill-gcs, start-gcs)."""
+    import importlib.util
+    import threading
+
+    spec = importlib.util.spec_from_file_location("local_cluster", CLUSTER / "local_cluster.py")
+    local_cluster = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(local_cluster)
+    monkeypatch.setattr(local_cluster, "STATE", tmp_path / "state.json")
+    state = {"pid": 1, "gcs": "up", "temp_dir": "/tmp/" + "x" * 4000}
+    local_cluster._write_state(state)
+    done = threading.Event()
+
+    def rewrite():
+        for i in range(3000):
+            local_cluster._write_state({**state, "gcs": ("up", "down")[i % 2]})
+        done.set()
+
+    writer = threading.Thread(target=rewrite)
+    writer.start()
+    reads = 0
+    while not done.is_set():
+        assert local_cluster._read_state()["gcs"] in ("up", "down")
+        reads += 1
+    writer.join()
+    assert reads > 0 and [p.name for p in tmp_path.iterdir()] == ["state.json"]
+
+
 def _ray_view(env: dict) -> dict:
     code = (
         "import json, ray; ray.init(logging_level='ERROR'); "
