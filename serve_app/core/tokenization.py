@@ -62,6 +62,8 @@ class TextTokenizer:
         # Ids the model can embed: the tokenizer's ids (regular + special), nothing beyond.
         self.vocab_size = self.tokenizer.get_vocab_size(with_added_tokens=True)
         self.pad_token_id = pad_token_id(files.path, self.tokenizer)
+        # Tokens the post-processor adds to one text (as the tokenizer files say: e.g. an appended EOS).
+        self.n_special_tokens = self.tokenizer.num_special_tokens_to_add(False)
 
     @classmethod
     def from_dir(cls, path: str | Path, max_input_tokens: int | None = None) -> TextTokenizer:
@@ -225,13 +227,12 @@ class TextTokenizer:
         next length comes from the characters per token seen so far (with a quarter to spare), so the
         last prefix is little longer than needed; with ``truncate`` its encoding is the one cut."""
         over_limit = self.max_input_tokens + CUT_MARGIN_TOKENS
-        n_special = self.tokenizer.num_special_tokens_to_add(False)
         prefix_chars = first_prefix
         while prefix_chars < len(text):
             window = text.rfind(" ", prefix_chars - CUT_SEARCH_CHARS, prefix_chars)
             prefix = text[: window if window > 0 else prefix_chars]
             encoding = self.tokenizer.encode(prompt + prefix, add_special_tokens=False)
-            n_tokens = len(encoding.ids) + n_special
+            n_tokens = len(encoding.ids) + self.n_special_tokens
             if n_tokens > over_limit:
                 if not truncate:
                     return InputTooLongError(
@@ -272,7 +273,7 @@ class TextTokenizer:
 
     def _cut(self, encoding: Encoding) -> TokenizedInput:
         """An encoding without special tokens cut to the limit less those, then post-processed."""
-        encoding.truncate(self.max_input_tokens - self.tokenizer.num_special_tokens_to_add(False))
+        encoding.truncate(self.max_input_tokens - self.n_special_tokens)
         return TokenizedInput(self.tokenizer.post_process(encoding).ids, truncated=True)
 
     # --- token ids -----------------------------------------------------------------
