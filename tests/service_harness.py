@@ -258,8 +258,10 @@ def serve_on_cluster(cluster_address: str, model_dir: Path, deployment_overrides
         deployment_overrides=deployment_overrides,
     ) as svc:
         yield svc
-    # serve run's Ctrl-C shuts its Serve down; where it did not, the next run on this cluster would
-    # deploy into the old instance, which keeps its own HTTP port (the new run's never answers)
+    # serve run's Ctrl-C asks Serve's controller to shut down but waits at most 30 s for it (Serve's
+    # own timeout; stop() kills serve run after 60 s): on a loaded machine the controller can outlive
+    # it, and the next run on this cluster would deploy into the old instance, which keeps its own
+    # HTTP port (the new run's never answers)
     if serve_controller_alive():
         serve.shutdown()
         wait_for(lambda: not serve_controller_alive(), 60, what="Serve's controller to stop")
