@@ -27,6 +27,7 @@ import subprocess
 import tempfile
 import threading
 import time
+from pathlib import Path
 
 import httpx
 import orjson
@@ -59,7 +60,7 @@ def memory_mb(procs: dict[str, psutil.Process]) -> dict[str, dict[str, float]]:
     physical pages in every process that maps them, bounded by the store's size) and ``files``."""
     out = {}
     for name, p in procs.items():
-        fields = dict(line.split(":", 1) for line in open(f"/proc/{p.pid}/status").read().splitlines())
+        fields = dict(line.split(":", 1) for line in Path(f"/proc/{p.pid}/status").read_text().splitlines())
         kb = {key: int(fields[key].split()[0]) for key in ("VmRSS", "RssAnon", "RssShmem", "RssFile")}
         out[name] = {
             "rss": round(kb["VmRSS"] / 1024, 1),
